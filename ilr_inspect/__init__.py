@@ -1,0 +1,47 @@
+"""ilr-inspect: intrinsic learning rate, effective LR and equilibrium of normalized networks, from checkpoints.
+
+The public API is small and imported lazily so that ``import ilr_inspect`` (and ``ilr-inspect --help``) stays
+free of torch:
+
+- :func:`open_series` / :func:`open_checkpoint` — read a checkpoint series from any supported framework;
+- :func:`ls`, :func:`hparams` — what was found, and the hyperparameter timeline;
+- :func:`units`, :func:`norms`, :func:`angles` — scale-invariant units and the core measurements;
+- :func:`distance` — function-space distances between checkpoints;
+- :func:`equilibrium` — retrain from checkpoints and measure time to equilibrium;
+- :func:`report` — the self-contained HTML report.
+
+Each table function returns a :class:`Result` (a pandas DataFrame plus provenance ``meta``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "open_series": "ilr_inspect.series",
+    "open_checkpoint": "ilr_inspect.formats",
+    "OpenOptions": "ilr_inspect.formats",
+    "Series": "ilr_inspect.series",
+    "Checkpoint": "ilr_inspect.checkpoint",
+    "HParams": "ilr_inspect.checkpoint",
+    "Result": "ilr_inspect.output",
+    "ls": "ilr_inspect.inventory",
+    "hparams": "ilr_inspect.inventory",
+    "units": "ilr_inspect.invariance",
+    "norms": "ilr_inspect.measure",
+    "angles": "ilr_inspect.measure",
+    "distance": "ilr_inspect.function_space",
+    "equilibrium": "ilr_inspect.retrain",
+    "report": "ilr_inspect.reporting",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'ilr_inspect' has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""Format registry: one module per on-disk format, each exposing ``NAME``, ``EXTRA``, ``sniff`` and ``open``.
+
+``sniff(path) -> bool`` must be cheap (names, magic bytes, a directory listing) and must not import a framework;
+``open(path, options) -> Checkpoint`` reads headers and hyperparameters, leaving tensor data on disk.
+The registry is ordered most specific first: a Lightning ``.ckpt`` is also a torch zip, a Trainer
+``checkpoint-N/`` folder also holds safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol, cast
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpointError, InputError, UnknownFormatError
+
+# Module names under ilr_inspect.formats, in sniffing order.
+REGISTRY: tuple[str, ...] = (
+    "hf_folder",
+    "dcp",
+    "orbax",
+    "torch_export",
+    "torchscript",
+    "lightning",
+    "torch_pickle",
+    "safetensors_file",
+    "onnx_file",
+    "keras",
+    "flax_msgpack",
+    "npz",
+)
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """Choices that change how a file is read (never how it is interpreted later)."""
+
+    trust_pickle: bool = False
+    key: str | None = None  # which entry of a training checkpoint holds the weights (e.g. "state_dict")
+    ema: bool = False  # read the EMA weights (timm state_dict_ema, model_ema) as the series
+
+
+class FormatModule(Protocol):
+    NAME: str
+    EXTRA: str | None
+
+    def sniff(self, path: Path) -> bool: ...
+
+    def open(self, path: Path, options: OpenOptions) -> Checkpoint: ...
+
+
+def load_format(module_name: str) -> FormatModule:
+    mod: ModuleType = importlib.import_module(f"{__name__}.{module_name}")
+    return cast(FormatModule, mod)
+
+
+def available() -> list[FormatModule]:
+    return [load_format(m) for m in REGISTRY]
+
+
+def detect(path: Path) -> FormatModule:
+    """The first registered format that recognises ``path``."""
+    if not path.exists():
+        raise InputError("no such file or folder", hint="check the path", path=path)
+    if path.is_file():
+        try:
+            size = path.stat().st_size
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot read the file ({exc.strerror})", hint="check its permissions", path=path) from exc
+        if size == 0:
+            raise CorruptCheckpointError(
+                "the file is empty (0 bytes)", hint="the save was probably interrupted; remove or re-save it", path=path
+            )
+    for fmt in available():
+        if fmt.sniff(path):
+            return fmt
+    raise UnknownFormatError(
+        "not a checkpoint format ilr-inspect can read",
+        hint="supported: " + ", ".join(m.NAME for m in available()) + "; see `ilr-inspect formats`",
+        path=path,
+    )
+
+
+def open_checkpoint(path: str | Path, options: OpenOptions | None = None) -> Checkpoint:
+    """Open one checkpoint file or folder with the reader that recognises it."""
+    p = Path(path)
+    fmt = detect(p)
+    return fmt.open(p, options or OpenOptions())
