@@ -168,17 +168,24 @@ class Series:
         return [c.step for c in self.checkpoints]
 
     def hparams_for(self, ckpt: Checkpoint) -> dict[str, HParams]:
-        """Per trainable parameter: CLI overrides > the checkpoint's optimizer state > logs at its step > sidecars."""
-        log_hp: HParams | None = None
+        """Per trainable parameter: CLI overrides > the checkpoint's optimizer state > logs at its step > sidecars.
+
+        Saved optimizer state holds the lr of the *next* update, so log values that complete it are taken with the
+        same timing; a checkpoint without optimizer state gets the logged lr *used* at its step.
+        """
+        log_next = log_used = None
         if self.logs is not None and ckpt.step is not None:
-            log_hp = self.logs.hparams_at(ckpt.step)
+            log_next = _informative(self.logs.hparams_at(ckpt.step, timing="next"))
+            log_used = _informative(self.logs.hparams_at(ckpt.step, timing="used"))
         out: dict[str, HParams] = {}
         for name in ckpt.parameters:
-            hp = ckpt.hparams.get(name, HParams(source="none"))
+            stored = ckpt.hparams.get(name)
+            if stored is None:
+                hp = log_used if log_used is not None else HParams(source="none")
+            else:
+                hp = stored.merged(log_next) if log_next is not None else stored
             if self.overrides is not None:
                 hp = self.overrides.merged(hp) if hp.source != "none" else self.overrides
-            if log_hp is not None:
-                hp = log_hp if hp.source == "none" else hp.merged(log_hp)
             out[name] = hp
         return out
 
@@ -191,6 +198,11 @@ class Series:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _informative(hp: HParams) -> HParams | None:
+    fields = (hp.lr, hp.weight_decay, hp.momentum, hp.beta2, hp.optimizer)
+    return hp if any(v is not None for v in fields) else None
 
 
 def _common_root(paths: Sequence[Path]) -> Path | None:
@@ -317,7 +329,7 @@ def _load_logs(root: Path, warnings: list[str]) -> LogData | None:
         found = logs.discover(root)
         if not found:
             return None
-        data = logs.read_logs(found)
+        data = logs.read_logs(found, root=root)
     except IlrError as exc:
         warnings.append(f"training logs not read: {exc.render()}")
         return None

@@ -54,24 +54,52 @@ def check_format(fmt: str) -> OutputFormat:
     return f  # type: ignore[return-value]
 
 
-def _cell(v: Any) -> str:
-    if v is None:
+def _cell(v: Any, column: str = "") -> str:
+    if v is None or v is getattr(__import__("pandas"), "NA", object()):
         return ""
     if isinstance(v, float):
         if v != v:  # NaN
             return ""
+        if column == "bytes":
+            return _human_bytes(v)
         return f"{v:.6g}"
+    if column == "bytes" and isinstance(v, int):
+        return _human_bytes(v)
     return str(v)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _short_paths(values: list[Any]) -> list[Any]:
+    """Checkpoint paths relative to their common folder: the table shows what differs."""
+    import os
+
+    paths = [str(v) for v in values if isinstance(v, str) and v]
+    if len(paths) < 2:
+        return values
+    root = os.path.commonpath(paths)
+    if not root or root in paths:
+        root = os.path.dirname(root)
+    return [os.path.relpath(v, root) if isinstance(v, str) and v else v for v in values]
 
 
 def render_table(result: Result, columns: list[str] | None = None, title: str | None = None) -> Table:
     frame = result.rows
     cols = [c for c in (columns or list(frame.columns)) if c in frame.columns]
     table = Table(title=title, show_lines=False, header_style="bold")
+    data = {c: frame[c].tolist() for c in cols}
     for c in cols:
-        table.add_column(c, overflow="fold")
-    for row in frame[cols].itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
+        if c in ("checkpoint", "checkpoint_a", "checkpoint_b"):
+            data[c] = _short_paths(data[c])
+        table.add_column(c, overflow="fold", no_wrap=c in ("step", "unit"))
+    for i in range(len(frame)):
+        table.add_row(*(_cell(data[c][i], c) for c in cols))
     return table
 
 
@@ -90,7 +118,11 @@ def emit(result: Result, fmt: str, output: Path | None, *, table_columns: list[s
             text = console.export_text()
             atomic_write(output, lambda fh: fh.write(text.encode()))
         else:
-            Console(soft_wrap=False).print(render_table(result, table_columns))
+            import os
+
+            # Piped tables keep every column readable instead of folding to 80 characters.
+            width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "220"))
+            Console(soft_wrap=False, width=width).print(render_table(result, table_columns))
         return
     data = serialize(result, f)
     if output is None:
