@@ -265,6 +265,8 @@ def open_series(
             c.close()
         raise
     series = Series(ckpts, root=_common_root(candidates), overrides=overrides)
+    for c in ckpts:
+        series.warnings.extend(f"{c.path}: {w}" for w in c.metadata.get("warnings", []))
     _order(series)
     _check_architecture(series, on_mismatch)
     if read_logs and series.root is not None:
