@@ -267,6 +267,8 @@ def open_series(
     series = Series(ckpts, root=_common_root(candidates), overrides=overrides)
     for c in ckpts:
         series.warnings.extend(f"{c.path}: {w}" for w in c.metadata.get("warnings", []))
+        if c.metadata.get("hparams_error"):
+            series.warnings.append(f"{c.path}: hyperparameters not read: {c.metadata['hparams_error']}")
     _order(series)
     _check_architecture(series, on_mismatch)
     if read_logs and series.root is not None:

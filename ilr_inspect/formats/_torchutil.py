@@ -1,0 +1,260 @@
+"""Shared helpers for the PyTorch-family readers: safe loading, tensor → NumPy, state-dict selection.
+
+Imported only from inside ``open`` functions (it imports torch at module level).
+"""
+
+from __future__ import annotations
+
+import codecs
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import HParams, TensorInfo, TensorKind, guess_kind
+from ..errors import CorruptCheckpointError, HParamsError, InputError, UnsafePickleError
+
+ZIP_MAGIC = b"PK\x03\x04"
+_WIDEN = {torch.bfloat16, torch.float16}  # float16 stays: NumPy has it
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_CORRUPT_HINT = "the file may be truncated or not written by torch.save; re-save or remove it"
+
+
+def file_kind(path: Path) -> str:
+    """``zip`` (torch ≥1.6 archive), ``pickle`` (legacy torch.save), ``text``, ``empty`` or ``binary``."""
+    return classify(read_head(path))
+
+
+def read_head(path: Path) -> bytes:
+    if path.is_dir():
+        raise InputError("is a folder, not a PyTorch file",
+                         hint="pass the checkpoint file inside it, or a folder of checkpoints as a series", path=path)
+    try:
+        with path.open("rb") as fh:
+            return fh.read(512)
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror or exc})", hint="check its permissions",
+                         path=path) from exc
+
+
+def classify(head: bytes) -> str:
+    if not head:
+        return "empty"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head[0] == 0x80:
+        return "pickle"
+    try:  # incremental: a multi-byte character cut at the 512-byte boundary is still text
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "binary"
+    return "text" if b"\x00" not in head else "binary"
+
+
+def numpy_safe_globals() -> list[Any]:
+    """HF Trainer's allowlist for NumPy scalars/arrays in rng_state.pth and friends (formats.md §2.1.1)."""
+    out: list[Any] = [np.ndarray, np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    if core is not None:
+        out += [core.multiarray._reconstruct, core.multiarray.scalar]
+    out += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.int32, np.float64, np.float32, np.bool_, np.uint8)]
+    return out
+
+
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files: fall back to the names torch's error message lists
+        found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    return [g for g in found if not g.startswith("numpy.")] or found
+
+
+def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
+    """Load a torch.save file without executing code unless trusted; every failure becomes a typed error."""
+    head = read_head(path)
+    kind = classify(head)
+    if kind == "empty":
+        raise CorruptCheckpointError("the file is empty (0 bytes)",
+                                     hint="the save was probably interrupted; remove or re-save it", path=path)
+    if kind in ("text", "binary"):
+        lfs = head.startswith(b"version https://git-lfs")
+        raise CorruptCheckpointError(
+            f"not a {what}: the file is {'text' if kind == 'text' else 'neither a zip archive nor a pickle'}",
+            hint="this is a Git LFS pointer: fetch the real file with `git lfs pull`" if lfs
+            else "check that this is the file torch.save wrote", path=path)
+    mmap = kind == "zip"  # mmap needs the zip layout; legacy pickles are read into memory
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CorruptCheckpointError(f"cannot unpickle the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
+                                         path=path) from exc
+        needed = _unsafe_globals(path, exc)
+        if not trust:
+            raise UnsafePickleError(path, needed) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
+        raise CorruptCheckpointError(f"cannot read the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
+                                     path=path) from exc
+    return _load_trusted(path, mmap, needed, what)
+
+
+def _load_trusted(path: Path, mmap: bool, needed: list[str], what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (ModuleNotFoundError, ImportError, AttributeError) as exc:
+        missing = getattr(exc, "name", None) or _short(exc)
+        raise InputError(
+            f"the {what} pickles objects whose class cannot be imported here ({missing}); it needs: "
+            + ", ".join(needed[:12]),
+            hint="install the package that defines these classes (the training code), or re-save the weights "
+                 "as a plain state_dict / safetensors",
+            path=path,
+        ) from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"cannot read the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
+                                     path=path) from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    return msg.split(". ")[0][:200]  # torch appends long advice after the first sentence
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and any(isinstance(v, torch.Tensor) for v in obj.values()) and all(
+        isinstance(k, str) for k in obj)
+
+
+def tensors_only(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Drop non-tensor entries (``_extra_state``, None placeholders) of a state dict."""
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes shared by every key."""
+    stripped = ""
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                stripped += p
+                changed = True
+    # torch.compile on a submodule leaves ``._orig_mod.`` inside names.
+    if any("._orig_mod." in k for k in sd):
+        sd = {k.replace("._orig_mod.", "."): v for k, v in sd.items()}
+        stripped += "(inner)._orig_mod."
+    return sd, stripped
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU NumPy view (mmap-backed where possible); dtypes NumPy lacks are widened to float32."""
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16 or (t.is_floating_point() and t.element_size() == 1):
+        t = t.float()
+    elif t.dtype == torch.complex32:
+        t = t.to(torch.complex64)
+    return t.numpy()
+
+
+def kind_of(name: str, t: torch.Tensor) -> TensorKind:
+    if guess_kind(name) == "buffer" or not (t.is_floating_point() or t.is_complex()):
+        return "buffer"
+    return "parameter"
+
+
+class TorchDictSource:
+    """TensorSource over a loaded (memory-mapped) torch state dict; tied aliases are listed once."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, TensorKind] | None = None) -> None:
+        self._t: dict[str, torch.Tensor] = {}
+        self.tied: dict[str, str] = {}
+        seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], str], str] = {}
+        for name, t in tensors.items():
+            key = (_storage_ptr(t), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+            if t.numel() > 0 and key[0] != 0 and key in seen:
+                self.tied[name] = seen[key]  # same storage: state_dict() lists tied weights twice
+                continue
+            seen.setdefault(key, name)
+            self._t[name] = t
+        self._kinds = dict(kinds or {})
+
+    def infos(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(n, tuple(int(d) for d in t.shape), dtype_name(t.dtype), self._kinds.get(n, kind_of(n, t)))
+            for n, t in self._t.items()
+        ]
+
+    def read(self, name: str) -> np.ndarray:
+        return to_numpy(self._t[name])
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(int(d) for d in t.shape) for n, t in self._t.items()}
+
+    def close(self) -> None:
+        self._t.clear()
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+STEP_KEYS = ("step", "global_step", "iteration", "iter")
+
+
+def find_step(obj: Mapping[str, Any], keys: tuple[str, ...] = STEP_KEYS) -> int | None:
+    for k in keys:
+        v = obj.get(k)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return int(v)
+    return None
+
+
+def scalar_meta(obj: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Top-level plain values worth carrying into metadata (epoch, loss, versions, …)."""
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            yield str(k), v.item()
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            yield str(k), v
+
+
+def map_optimizer(
+    opt_sd: Any, infos: list[TensorInfo], *, label: str, path: Path,
+    names_ordered: bool = True, source: str = "optimizer",
+) -> tuple[dict[str, HParams], str | None]:
+    """hparams for the trainable parameters, or ({}, reason) when the optimizer state cannot be mapped."""
+    from ..optim_state import hparams_from_optimizer_state
+
+    if not isinstance(opt_sd, Mapping) or "param_groups" not in opt_sd:
+        return {}, f"{label} is not a torch optimizer state_dict"
+    params = [i.name for i in infos if i.kind == "parameter"]
+    shapes = {i.name: i.shape for i in infos}
+    try:
+        return hparams_from_optimizer_state(opt_sd, params, shapes, source=source, names_ordered=names_ordered,
+                                            path=path), None
+    except HParamsError as exc:
+        return {}, f"{label}: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")

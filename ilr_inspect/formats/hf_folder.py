@@ -1,0 +1,197 @@
+"""Hugging Face model folders and Trainer ``checkpoint-N/`` folders (formats.md §1.2, §2.1.4).
+
+Weights: ``model.safetensors`` (or shards + index), ``adapter_model.safetensors``, ``pytorch_model.bin`` (or
+shards + index). Trainer extras: ``trainer_state.json`` (step, logged lr), ``optimizer.pt`` (per-group lr/wd/betas,
+mapped with the Trainer's decay/no-decay rule), ``scheduler.pt``. ``training_args.bin`` is a pickle of
+TrainingArguments and is read only with ``trust_pickle``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint, HParams, TensorSource
+from ..errors import CorruptCheckpointError, IlrError, InputError
+from . import OpenOptions
+
+NAME = "hf"
+EXTRA = None
+
+SAFE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+ADAPTER = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = (SAFE, SAFE_INDEX, BIN, BIN_INDEX, *ADAPTER)
+
+
+def _shards(path: Path, stem: str, ext: str) -> list[Path]:
+    return sorted(path.glob(f"{stem}-*-of-*.{ext}"))
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    try:
+        return any((path / n).is_file() for n in _WEIGHT_FILES) or bool(_shards(path, "model", "safetensors"))
+    except OSError:
+        return False
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"cannot parse {p.name} ({exc})", hint="the file is damaged; re-save it",
+                                     path=p) from exc
+
+
+def _weight_map(index: Path) -> dict[str, Path]:
+    data = _read_json(index)
+    wm = data.get("weight_map") if isinstance(data, Mapping) else None
+    if not isinstance(wm, Mapping) or not wm:
+        raise CorruptCheckpointError("the index has no weight_map", hint="re-save the model", path=index)
+    return {str(k): index.parent / str(v) for k, v in wm.items()}
+
+
+def _open_weights(path: Path, options: OpenOptions) -> tuple[TensorSource, bool, dict[str, Any]]:
+    """The weights source, whether its names are in named_parameters order, and metadata."""
+    from .safetensors_file import SafetensorsSource
+
+    meta: dict[str, Any] = {}
+    if (path / SAFE_INDEX).is_file():
+        wm = _weight_map(path / SAFE_INDEX)
+        files = list(dict.fromkeys(wm.values()))
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CorruptCheckpointError(f"shard {absent[0]} named by the index is missing",
+                                         hint="copy the missing shard or re-save the model", path=path)
+        meta["weights_files"] = [f.name for f in files]
+        return SafetensorsSource(files, wm), False, meta
+    for name in (SAFE, ADAPTER[0]):
+        if (path / name).is_file():
+            meta["weights_files"] = [name]
+            src = SafetensorsSource([path / name])
+            meta["safetensors_metadata"] = dict(src.metadata)
+            return src, False, meta
+    shards = _shards(path, "model", "safetensors")
+    if shards:
+        meta["weights_files"] = [f.name for f in shards]
+        return SafetensorsSource(shards), False, meta
+    # pickled weights: shards in index order keep state_dict order
+    from . import _torchutil as tu
+
+    if (path / BIN_INDEX).is_file():
+        files = list(dict.fromkeys(_weight_map(path / BIN_INDEX).values()))
+    else:
+        files = [path / n for n in (BIN, ADAPTER[1]) if (path / n).is_file()][:1]
+    if not files:
+        raise InputError("no model weights in this folder (looked for " + ", ".join(_WEIGHT_FILES) + ")",
+                         hint="pass a folder written by save_pretrained or a Trainer checkpoint-N folder", path=path)
+    sd: dict[str, Any] = {}
+    for f in files:
+        obj = tu.load(f, trust=options.trust_pickle)
+        if not tu.is_tensor_dict(obj):
+            raise InputError("is not a state dict", hint="re-save it with save_pretrained", path=f)
+        sd.update(tu.tensors_only(obj))
+    sd, stripped = tu.strip_wrappers(sd)
+    if stripped:
+        meta["stripped_prefix"] = stripped
+    meta["weights_files"] = [f.name for f in files]
+    tsrc = tu.TorchDictSource(sd)
+    if tsrc.tied:
+        meta["tied"] = dict(tsrc.tied)
+    return tsrc, True, meta
+
+
+def _trainer_state(path: Path, meta: dict[str, Any]) -> int | None:
+    p = path / "trainer_state.json"
+    if not p.is_file():
+        return None
+    state = _read_json(p)
+    if not isinstance(state, Mapping):
+        return None
+    step = state.get("global_step")
+    step = int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+    if "epoch" in state:
+        meta["epoch"] = state["epoch"]
+    logs = [r for r in state.get("log_history", []) if isinstance(r, Mapping)]
+    meta["log_history_entries"] = len(logs)
+    at_step = [r["learning_rate"] for r in logs if r.get("step") == step and "learning_rate" in r]
+    if at_step:
+        meta["log_lr"] = float(at_step[-1])  # the lr the Trainer logged for the update at this step (used)
+    return step
+
+
+def _hparams(path: Path, options: OpenOptions, src: TensorSource, ordered: bool,
+             meta: dict[str, Any]) -> dict[str, HParams]:
+    from . import _torchutil as tu
+
+    opt = path / "optimizer.pt"
+    if not opt.is_file():
+        return {}
+    try:
+        osd = tu.load(opt, trust=options.trust_pickle, what="optimizer state")
+    except IlrError as exc:  # weights stay readable; say why the hyperparameters are missing
+        meta["hparams_error"] = f"{exc.render()}" + (f" (hint: {exc.hint})" if exc.hint else "")
+        return {}
+    got, err = tu.map_optimizer(osd, src.infos(), label="optimizer.pt", path=opt, names_ordered=ordered)
+    if err:
+        meta["hparams_error"] = err
+    sched = path / "scheduler.pt"
+    if sched.is_file():
+        try:
+            s = tu.load(sched, trust=False, what="scheduler state")
+            if isinstance(s, Mapping) and "_last_lr" in s:
+                meta["scheduler_last_lr"] = [float(x) for x in s["_last_lr"]]
+        except IlrError as exc:
+            meta["scheduler_error"] = exc.render()
+    return got
+
+
+def _training_args(path: Path, options: OpenOptions, meta: dict[str, Any]) -> None:
+    p = path / "training_args.bin"
+    if not p.is_file():
+        return
+    if not options.trust_pickle:
+        meta["training_args"] = "not read: a pickle of TrainingArguments (pass trust_pickle to read it)"
+        return
+    from . import _torchutil as tu
+
+    try:
+        args = tu.load(p, trust=True, what="training_args.bin")
+    except IlrError as exc:
+        meta["training_args"] = f"unreadable: {exc.message}"
+        return
+    keep = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type",
+            "warmup_steps", "warmup_ratio", "optim", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "seed")
+    meta["training_args"] = {k: getattr(args, k) for k in keep if hasattr(args, k)}
+    for k in ("optim", "lr_scheduler_type"):
+        if k in meta["training_args"]:
+            meta["training_args"][k] = str(getattr(meta["training_args"][k], "value", meta["training_args"][k]))
+
+
+def open(path: Path, options: OpenOptions) -> Checkpoint:
+    if not path.is_dir():
+        raise InputError("is not a folder", hint="pass a Hugging Face model folder or checkpoint-N folder", path=path)
+    src, ordered, meta = _open_weights(path, options)
+    if (path / "config.json").is_file():
+        cfg = _read_json(path / "config.json")
+        if isinstance(cfg, Mapping):
+            meta["model_type"] = cfg.get("model_type")
+            meta["architectures"] = cfg.get("architectures")
+            meta["config"] = dict(cfg)
+    step = _trainer_state(path, meta)
+    if step is None:
+        from .safetensors_file import step_from_metadata
+
+        step = step_from_metadata(meta.get("safetensors_metadata", {}))
+    hparams = _hparams(path, options, src, ordered, meta)
+    _training_args(path, options, meta)
+    return Checkpoint(path=path, format=NAME, source=src, step=step,
+                      step_source="contents" if step is not None else "order",
+                      hparams=hparams, hparams_source="optimizer" if hparams else None, metadata=meta)
