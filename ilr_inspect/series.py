@@ -46,10 +46,11 @@ def natural_key(text: str) -> tuple[Any, ...]:
 
 def step_from_name(path: Path, step_regex: str | None = None) -> int | None:
     stem = path.name
-    for suffix in sorted(CHECKPOINT_SUFFIXES, key=len, reverse=True):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
+    while True:  # strip compound suffixes such as .pth.tar
+        suffix = next((s for s in sorted(CHECKPOINT_SUFFIXES, key=len, reverse=True) if stem.endswith(s)), None)
+        if suffix is None:
             break
+        stem = stem[: -len(suffix)]
     if step_regex:
         m = re.search(step_regex, path.name)
         return int(m.group(1)) if m else None

@@ -24,6 +24,7 @@ from ilr_inspect.series import natural_key, open_series, step_from_name
         ("model_step-7.safetensors", 7),
         ("best.pt", None),
         ("1200", 1200),
+        ("checkpoint-3.pth.tar", 3),
     ],
 )
 def test_step_from_name(name: str, step: int | None) -> None:
