@@ -24,7 +24,7 @@ CHECKPOINT_SUFFIXES = frozenset(
 # Files that live next to checkpoints but are never checkpoints themselves.
 _NOT_CHECKPOINTS = frozenset(
     {"optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin", "probe.npz",
-     "train.npz", "test.npz", "data.npz"}
+     "train.npz", "test.npz", "data.npz", "model.pt2", "model.ts"}
 )
 _FOLDER_FORMATS = ("hf_folder", "dcp", "orbax")
 
