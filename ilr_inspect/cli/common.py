@@ -19,8 +19,18 @@ PathsArg = Annotated[
     list[str],
     typer.Argument(help="Checkpoint folder, glob, or explicit files/folders (a series is ordered by training step)."),
 ]
+_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _format_callback(value: str) -> str:
+    # Validate before any checkpoint is read, so a typo fails fast with a usage error.
+    if value.lower() not in _FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_FORMATS)}")
+    return value.lower()
+
+
 FormatOpt = Annotated[
-    str, typer.Option("--format", "-f", help="table | csv | json | parquet.", case_sensitive=False)
+    str, typer.Option("--format", "-f", help="table | csv | json | parquet.", callback=_format_callback)
 ]
 OutOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the data to FILE (atomically) instead of stdout.")
@@ -43,8 +53,6 @@ StepRegexOpt = Annotated[
 ]
 EmaOpt = Annotated[bool, typer.Option("--ema", help="Read the EMA weights (timm state_dict_ema) as the series.")]
 KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry of a training checkpoint that holds the weights.")]
-
-_FORMATS = ("table", "csv", "json", "parquet")
 
 
 def check_format(fmt: str) -> OutputFormat:
