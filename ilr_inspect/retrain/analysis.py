@@ -1,0 +1,179 @@
+"""Turning recorded curves into t_eq, its bootstrap interval, norm relaxation and the scaling exponent.
+
+Distances are mean pairwise prediction disagreements on the probe set (theory §13.7): *between* = pairs of
+branches from different starts, *noise floor* = pairs of different seeds of the same start. At equilibrium every
+branch is an independent draw from one distribution over functions, so both have the same expectation; the
+estimator needs no correction for the number of seeds (unlike the ℓ1 distance between empirical label
+distributions, which is reported alongside).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Status values of an arm (the `status` column).
+EQUILIBRATED = "equilibrated"
+NOT_EQUILIBRATED = "not-equilibrated"
+PERIODIC = "periodic"
+DIVERGED = "diverged"
+
+
+def pair_weights(groups: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair weights (K, K) for between-start and within-start pairs, given how often each branch is drawn."""
+    same = groups[:, None] == groups[None, :]
+    w = counts[:, None].astype(np.float64) * counts[None, :]
+    between = np.where(same, 0.0, w)
+    within = np.where(same & ~np.eye(len(groups), dtype=bool), w, 0.0)
+    return between, within
+
+
+def curves(dis: np.ndarray, groups: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Between-start distance and noise floor per evaluation from pairwise disagreements ``dis`` (E, K, K)."""
+    c = np.ones(len(groups)) if counts is None else counts
+    wb, ww = pair_weights(groups, c)
+    sb, sw = wb.sum(), ww.sum()
+    between = np.einsum("eij,ij->e", dis, wb) / sb if sb > 0 else np.full(len(dis), np.nan)
+    floor = np.einsum("eij,ij->e", dis, ww) / sw if sw > 0 else np.full(len(dis), np.nan)
+    return between, floor
+
+
+def smooth(times: np.ndarray, x: np.ndarray, width: float) -> np.ndarray:
+    """Centred moving average over a window of ``width`` (in the units of ``times``), clipped at the ends.
+
+    The width is in intrinsic time, so the smoothing, and any bias it puts on t_eq, is the same fraction of 1/λ_e
+    for every arm: a bias constant in intrinsic time leaves the fitted exponent unchanged."""
+    if width <= 0 or len(x) == 0:
+        return x.astype(np.float64)
+    h = width / 2 + 1e-9
+    return np.array([np.mean(x[np.abs(times - t) <= h]) for t in times])
+
+
+def settle_time(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
+                width: float) -> float:
+    """First evaluation time t with smoothed between ≤ (1 + tolerance)·smoothed floor at every evaluation in
+    [t, t + window] (theory §13.8: below the replica noise floor for a window of ≥ 1/λ_e); the window must fit
+    before the horizon. NaN when no such t exists."""
+    b, f = smooth(times, between, width), smooth(times, floor, width)
+    if len(b) == 0 or not np.all(np.isfinite(b)):
+        return math.nan
+    ok = b <= (1.0 + tolerance) * f + 1e-12
+    for i, t in enumerate(times):
+        if t + window > times[-1] + 1e-9:
+            break
+        if np.all(ok[i:][times[i:] <= t + window + 1e-9]):
+            return float(t)
+    return math.nan
+
+
+@dataclass(frozen=True)
+class TeqEstimate:
+    t_eq: float  # in the units of ``times``
+    low: float
+    high: float
+    replicates: np.ndarray  # bootstrap t_eq (NaN where the replicate never settles)
+
+
+def t_eq_with_bootstrap(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, *, tolerance: float,
+                        window: float, width: float, resamples: int, seed: int) -> TeqEstimate:
+    """t_eq and a 95 % percentile interval from resampling seeds (branches) within each start."""
+    between, floor = curves(dis, groups)
+    point = settle_time(times, between, floor, tolerance=tolerance, window=window, width=width)
+    rng = np.random.default_rng(seed)
+    reps = np.full(resamples, np.nan)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+    for b in range(resamples):
+        counts = np.zeros(len(groups))
+        for m in members:
+            np.add.at(counts, rng.choice(m, size=len(m), replace=True), 1.0)
+        bb, ff = curves(dis, groups, counts)
+        if np.all(np.isfinite(ff)):
+            reps[b] = settle_time(times, bb, ff, tolerance=tolerance, window=window, width=width)
+    finite = reps[np.isfinite(reps)]
+    # The interval covers the replicates that settle; the share that does not is reported next to it.
+    low, high = (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))) if len(finite) else (
+        math.nan, math.nan)
+    return TeqEstimate(point, low, high, reps)
+
+
+def label_l1(preds: np.ndarray, groups: np.ndarray, classes: int) -> float:
+    """LLA20's distance (theory §8.2): mean over inputs of Σ_y |p_a(y|x) − p_b(y|x)|, p = label frequencies over
+    a start's seeds, averaged over start pairs. Biased upwards by finite seeds; for comparison only."""
+    dists = []
+    starts = np.unique(groups)
+    freq = {g: np.stack([(preds[groups == g] == c).mean(0) for c in range(classes)]) for g in starts}
+    for i, a in enumerate(starts):
+        for b in starts[i + 1:]:
+            dists.append(float(np.abs(freq[a] - freq[b]).sum(0).mean()))
+    return float(np.mean(dists)) if dists else math.nan
+
+
+def is_periodic(norms: np.ndarray, swing: float = 0.2) -> bool:
+    """Norm curves (E, K) that, over the second half of the run, both rise and fall by more than ``swing`` in log
+    (largest draw-up and largest draw-down) in at least half of the branches: the periodic regime (norms shrink,
+    a step destabilises, they jump back up), not an equilibrium. Equilibrium noise on the digits example moves
+    the log norm by ≤ 0.1; the periodic regime there by 0.5–0.9."""
+    if norms.shape[0] < 4 or not np.all(np.isfinite(norms)) or np.any(norms <= 0):
+        return False
+    z = np.log(norms[norms.shape[0] // 2:])
+    up = (z - np.minimum.accumulate(z, axis=0)).max(0)
+    down = (np.maximum.accumulate(z, axis=0) - z).max(0)
+    return bool(np.mean((up > swing) & (down > swing)) >= 0.5)
+
+
+def relaxation(times: np.ndarray, norms: np.ndarray, groups: np.ndarray, *, optimizer: str, intrinsic_lr: float,
+               eps: float) -> tuple[float, float]:
+    """Parameter-space (norm) relaxation: measured and predicted (theory §11.4) steps for the total SI norm to
+    stay within ε of its equilibrium value (mean over the last quarter of the run). Slowest start."""
+    if norms.size == 0 or not np.all(np.isfinite(norms)):
+        return math.nan, math.nan
+    tail = times >= times[-1] - 0.25 * (times[-1] - times[0])
+    target = float(norms[tail].mean())
+    measured, predicted = [], []
+    power, rate = (4.0, 4.0) if optimizer == "sgd" else (2.0, 2.0)
+    for g in np.unique(groups):
+        r = norms[:, groups == g] / target
+        per_seed = []
+        for k in range(r.shape[1]):
+            bad = np.nonzero(np.abs(r[:, k] - 1.0) > eps)[0]
+            per_seed.append(times[0] if len(bad) == 0 else (times[bad[-1] + 1] if bad[-1] + 1 < len(times) else np.nan))
+        measured.append(float(np.median(per_seed)))
+        r0 = float(r[0].mean())
+        edge = (1.0 + eps) if r0 > 1 else (1.0 - eps)
+        if abs(r0 - 1.0) <= eps:
+            predicted.append(0.0)
+        else:
+            predicted.append(math.log(abs(r0**power - 1) / abs(edge**power - 1)) / (rate * intrinsic_lr))
+    return float(np.max(measured)), float(np.max(predicted))
+
+
+@dataclass(frozen=True)
+class Exponent:
+    slope: float
+    low: float
+    high: float
+    arms: int
+    note: str
+
+
+def fit_exponent(intrinsic_lr: np.ndarray, t_eq: np.ndarray, replicates: list[np.ndarray]) -> Exponent:
+    """Least-squares slope of log t_eq (steps) vs log(1/λ_e) over arms that equilibrated, with a percentile
+    interval from refitting on paired bootstrap replicates."""
+    ok = np.isfinite(t_eq) & (t_eq > 0)
+    if len(np.unique(intrinsic_lr[ok])) < 2:
+        return Exponent(math.nan, math.nan, math.nan, int(ok.sum()),
+                        "fewer than two equilibrated arms with different intrinsic LRs: no fit")
+    x = np.log(1.0 / intrinsic_lr[ok])
+    slope = float(np.polyfit(x, np.log(t_eq[ok]), 1)[0])
+    boots = []
+    reps = [r for r, k in zip(replicates, ok, strict=True) if k]
+    n = min((len(r) for r in reps), default=0)
+    for b in range(n):
+        yb = np.array([r[b] for r in reps])
+        good = np.isfinite(yb) & (yb > 0)
+        if len(np.unique(x[good])) >= 2:
+            boots.append(float(np.polyfit(x[good], np.log(yb[good]), 1)[0]))
+    low, high = (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))) if boots else (math.nan, math.nan)
+    return Exponent(slope, low, high, int(ok.sum()), "" if boots else "no bootstrap replicates: interval unknown")

@@ -1,0 +1,363 @@
+"""`equilibrium`: fused engine vs torch.optim, ilr.toml validation, the CLI run, resume and determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ilr_inspect.cli import app
+from ilr_inspect.errors import UsageError
+from ilr_inspect.retrain import analysis, equilibrium, load_config
+from ilr_inspect.retrain.engine import Engine, OptimSpec
+
+DIGITS = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
+CONTRACT = ["start", "lr", "weight_decay", "momentum", "intrinsic_lr", "seeds", "t_eq_steps", "t_eq_intrinsic",
+            "noise_floor", "status"]
+
+
+def _digits_net() -> torch.nn.Module:
+    sys.path.insert(0, str(DIGITS))
+    try:
+        import model as digits_model  # type: ignore[import-not-found]  # fixtures/digits/model.py
+    finally:
+        sys.path.remove(str(DIGITS))
+    net: torch.nn.Module = digits_model.build()
+    return net
+
+
+# ----------------------------------------------------------------------------------- engine vs torch.optim
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize(("opt", "lrs", "wds"), [
+    (OptimSpec("sgd", momentum=0.9), [0.1, 0.05, 0.02], [5e-4, 1e-3, 1e-2]),
+    (OptimSpec("sgd"), [0.1, 0.05, 0.2], [5e-4, 0.0, 1e-2]),
+    (OptimSpec("adamw", beta1=0.8, beta2=0.99), [1e-3, 3e-3, 1e-2], [1e-2, 0.1, 0.0]),
+])
+def test_engine_matches_torch_optim(opt: OptimSpec, lrs: list[float], wds: list[float], fuse: bool) -> None:
+    net = _digits_net()
+    states = []
+    for k in range(3):
+        torch.manual_seed(k)
+        states.append(_digits_net().state_dict())
+    no_decay = [n for n, p in net.named_parameters() if p.ndim < 2]
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(6, 3, 8, 1, 8, 8, generator=gen), torch.randint(0, 10, (6, 3, 8), generator=gen)
+    eng = Engine(net, states, lrs, wds, opt, no_decay=no_decay, fuse=fuse, probe_input=xs[0, 0])
+    assert eng.fused is fuse
+    for t in range(len(xs)):
+        eng.step(xs[t], ys[t])
+    for k in range(3):
+        ref = _digits_net()
+        ref.load_state_dict(states[k])
+        ref.train()
+        decay = [p for n, p in ref.named_parameters() if n not in no_decay]
+        rest = [p for n, p in ref.named_parameters() if n in no_decay]
+        groups = [{"params": decay, "weight_decay": wds[k]}, {"params": rest, "weight_decay": 0.0}]
+        optim: torch.optim.Optimizer
+        if opt.name == "sgd":
+            optim = torch.optim.SGD(groups, lr=lrs[k], momentum=opt.momentum)
+        else:
+            optim = torch.optim.AdamW(groups, lr=lrs[k], betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        for t in range(len(xs)):
+            optim.zero_grad()
+            torch.nn.functional.cross_entropy(ref(xs[t, k]), ys[t, k]).backward()  # type: ignore[no-untyped-call]
+            optim.step()
+        got = eng.branch_state(k)
+        for name, want in ref.state_dict().items():
+            if want.dtype.is_floating_point:  # weights, BN affine and running statistics
+                torch.testing.assert_close(got[name], want, rtol=2e-5, atol=2e-6, msg=name)
+            else:
+                assert int(got[name]) == int(want) == len(xs), name
+
+
+class _DataDependent(torch.nn.Module):
+    """A forward with Python control flow on tensor values: torch.vmap cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3, bias=False)
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bn(self.lin(x))
+        return out * 2.0 if out.detach().abs().sum().item() > 0 else out
+
+
+def test_engine_falls_back_to_branch_loop_and_says_so() -> None:
+    torch.manual_seed(0)
+    net = _DataDependent()
+    notes: list[str] = []
+    x, y = torch.randn(5, 2, 8, 4), torch.randint(0, 3, (5, 2, 8))
+    eng = Engine(net, [net.state_dict()] * 2, [0.1, 0.2], [1e-3, 0.0], OptimSpec("sgd", momentum=0.5),
+                 probe_input=x[0, 0], log=notes.append)
+    assert not eng.fused and "one by one" in notes[0]
+    for t in range(5):
+        eng.step(x[t], y[t])
+    for k, (lr, wd) in enumerate([(0.1, 1e-3), (0.2, 0.0)]):
+        ref = _DataDependent()
+        ref.load_state_dict(net.state_dict())
+        opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.5, weight_decay=wd)
+        for t in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[t, k]), y[t, k]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        torch.testing.assert_close(eng.branch_state(k)["lin.weight"], ref.lin.weight.detach())
+
+
+# ----------------------------------------------------------------------------------------------- config
+_BASE = f"""
+[model]
+spec = "{DIGITS / 'model.py'}:build"
+[data]
+train = "{DIGITS / 'train.npz'}"
+test = "{DIGITS / 'test.npz'}"
+probe = "{DIGITS / 'probe.npz'}"
+[starts]
+checkpoints = "CKPTS"
+select = ["first", "last"]
+[protocol]
+horizon = 1.0
+eval_every = 0.25
+seeds = 2
+bootstrap = 20
+input_noise = 0.3
+window = 0.25
+smooth = 0.0
+[[arms]]
+name = "sgdm"
+momentum = 0.9
+lr = 0.1
+batch_size = 16
+intrinsic_lr = [0.08, 0.04]
+decay = "weights"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    """A run dir in tmp_path with a snapshot of the first and last bundled checkpoints."""
+    d = tmp_path / "run"
+    (d / "ckpts").mkdir(parents=True, exist_ok=True)
+    files = sorted((DIGITS / "ckpts").glob("step_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
+    for f in (files[0], files[-1]):
+        shutil.copyfile(f, d / "ckpts" / f.name)
+    (d / "ilr.toml").write_text(text.replace("CKPTS", "ckpts"))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The digits net is tiny: one thread is faster than two, and immune to a busy CI machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(("edit", "key", "words"), [
+    (("intrinsic_lr = [0.08, 0.04]", "intrinsic_lr = 0.01\nweight_decay = 1e-3"), "arms[0].weight_decay",
+     "exactly one of weight_decay and intrinsic_lr"),
+    (("lr = 0.1", "lr = -0.1"), "arms[0].lr", "must be > 0"),
+    (("batch_size = 16", "batch_sise = 16"), "arms[0].batch_sise", "unknown key"),
+    (("seeds = 2", "seeds = 1"), "protocol.seeds", "must be ≥ 2"),
+    (('select = ["first", "last"]', 'select = ["last"]'), "starts.select", "at least two starts"),
+    (('select = ["first", "last"]', 'select = ["first", "middle"]'), "starts.select", "'middle'"),
+    (('checkpoints = "CKPTS"', 'checkpoints = "nowhere"'), "starts.checkpoints", "does not exist"),
+    (('spec = "', 'nospec = "'), "model.nospec", "unknown key"),
+    (("horizon = 1.0", "horizon = 0.1"), "protocol.eval_every", "smaller than protocol.horizon"),
+    (('name = "sgdm"', 'name = "sgdm"\noptimizer = "lion"'), "arms[0].optimizer", "sgd, adamw"),
+    (("momentum = 0.9", "momentum = 0.9\nbetas = [0.9, 0.99]"), "arms[0].betas", "adamw"),
+    (('train = "', 'train = "missing/'), "data.train", "does not exist"),
+])
+def test_config_errors_name_key_and_file(tmp_path: Path, edit: tuple[str, str], key: str, words: str) -> None:
+    d = _write(tmp_path, _BASE.replace(*edit, 1))
+    with pytest.raises(UsageError) as info:
+        load_config(d / "ilr.toml")
+    msg = info.value.render()
+    assert f"[{key}]" in msg and words in msg and str(d / "ilr.toml") in msg
+
+
+def test_config_resolves_intrinsic_lr_to_weight_decay(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, _BASE))
+    # λ_e = ηλ/(1−μ) ⇒ λ = λ_e(1−μ)/η
+    assert [a.weight_decay for a in cfg.arms] == pytest.approx([0.08 * 0.1 / 0.1, 0.04 * 0.1 / 0.1])
+    assert [a.intrinsic_lr for a in cfg.arms] == pytest.approx([0.08, 0.04])
+    bundled = load_config(DIGITS / "ilr.toml")
+    assert len(bundled.arms) >= 3 and bundled.protocol.input_noise > 0
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_cli_quick_run_produces_contract(tmp_path: Path) -> None:
+    d = _write(tmp_path, _BASE)
+    out, js, cv = tmp_path / "res", tmp_path / "eq.json", tmp_path / "curves.csv"
+    res = CliRunner().invoke(app, ["equilibrium", "--run-dir", str(d), "--out", str(out), "--device", "cpu",
+                                   "--quick", "-f", "json", "-o", str(js), "--curves", str(cv), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(js.read_text())
+    assert doc["schema"] == "ilr-inspect/equilibrium/v1"
+    assert len(doc["rows"]) == 2
+    for row in doc["rows"]:
+        assert set(CONTRACT) <= set(row)
+        steps = sorted(int(f.stem.split("_")[-1]) for f in (d / "ckpts").glob("step_*.pt"))
+        assert row["seeds"] == 2 and row["start"] == f"step_{steps[0]},step_{steps[-1]}"
+        assert row["status"] in {"equilibrated", "not-equilibrated", "periodic", "diverged"}
+        if row["t_eq_steps"] is not None:
+            assert row["t_eq_intrinsic"] == pytest.approx(row["t_eq_steps"] * row["intrinsic_lr"])
+    assert "exponent" in doc["meta"] and "exponent_low" in doc["meta"]
+    assert (out / "equilibrium.json").is_file() and cv.read_text().startswith("arm,")
+    # nothing is written into the checkpoint folder
+    assert sorted(p.name for p in (d / "ckpts").iterdir()) == [f"step_{s:06d}.pt" for s in steps]
+
+
+def test_cli_refuses_existing_results_without_resume(tmp_path: Path) -> None:
+    d = _write(tmp_path, _BASE)
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "junk.txt").write_text("x")
+    res = CliRunner().invoke(app, ["equilibrium", "--run-dir", str(d), "--out", str(tmp_path / "res"), "--quick",
+                                   "--device", "cpu", "-q"])
+    assert res.exit_code == 2 and "not empty" in res.output
+
+
+# ------------------------------------------------------------------------------ resume and determinism
+class _StopError(Exception):
+    pass
+
+
+def test_resume_recomputes_nothing_and_matches_uninterrupted(tmp_path: Path) -> None:
+    d = _write(tmp_path, _BASE.replace("intrinsic_lr = [0.08, 0.04]", "intrinsic_lr = [0.08]"))
+    full = equilibrium(d, out=tmp_path / "a", device="cpu")
+    calls: list[int] = []
+
+    def stop_after_three(_arm: str, done: int, _total: int) -> None:
+        calls.append(done)
+        if len(calls) == 3:
+            raise _StopError
+
+    with pytest.raises(_StopError):
+        equilibrium(d, out=tmp_path / "b", device="cpu", on_eval=stop_after_three)
+    resumed_calls: list[int] = []
+    again = equilibrium(d, out=tmp_path / "b", device="cpu", resume=True,
+                        on_eval=lambda _a, done, _t: resumed_calls.append(done))
+    total = full.curves.rows["step"].nunique() if full.curves is not None else 0
+    assert resumed_calls == list(range(4, total + 1))  # evaluations 1–3 were not recomputed
+    # same seeds → same numbers, through an interruption too
+    cols = ["t_eq_steps", "noise_floor", "distance_between", "test_acc", "label_l1"]
+    np.testing.assert_array_equal(full.rows[cols].to_numpy(float), again.rows[cols].to_numpy(float))
+    assert full.curves is not None and again.curves is not None
+    np.testing.assert_array_equal(full.curves.rows.select_dtypes("number").to_numpy(),
+                                  again.curves.rows.select_dtypes("number").to_numpy())
+    with pytest.raises(UsageError, match="differ"):
+        equilibrium(d, out=tmp_path / "b", device="cpu", resume=True, horizon=2.0)
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def test_curves_match_float64_recomputation() -> None:
+    rng = np.random.default_rng(1)
+    preds = rng.integers(0, 3, size=(5, 6, 40))  # evaluations × branches × inputs
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    dis = (preds[:, :, None, :] != preds[:, None, :, :]).mean(-1)
+    between, floor = analysis.curves(dis, groups)
+    for e in range(5):
+        b = [np.mean(preds[e, i] != preds[e, j]) for i in range(3) for j in range(3, 6)]
+        w = [np.mean(preds[e, i] != preds[e, j]) for g in (range(3), range(3, 6)) for i in g for j in g if i != j]
+        assert between[e] == pytest.approx(np.mean(b)) and floor[e] == pytest.approx(np.mean(w))
+
+
+def test_settle_time_and_exponent_on_synthetic_curves() -> None:
+    times = np.arange(0, 8.01, 0.25)
+    floor = np.full_like(times, 0.1)
+    between = 0.1 + 0.5 * np.exp(-3 * times)  # within 10 %: 0.5 e^{-3t} ≤ 0.01 ⇔ t ≥ ln(50)/3 = 1.304
+    t = analysis.settle_time(times, between, floor, tolerance=0.1, window=1.0, width=0.0)
+    assert t == 1.5  # first evaluation time ≥ 1.304 on the 0.25 grid
+    assert math.isnan(analysis.settle_time(times, between + 1.0, floor, tolerance=0.1, window=1.0, width=0.0))
+    # an excursion inside the window after 1.5 delays t_eq past it; one later than the window does not
+    bumped = between.copy()
+    bumped[times == 2.0] = 0.2
+    assert analysis.settle_time(times, bumped, floor, tolerance=0.1, window=1.0, width=0.0) == 2.25
+    late = between.copy()
+    late[times == 5.0] = 0.2
+    assert analysis.settle_time(times, late, floor, tolerance=0.1, window=1.0, width=0.0) == 1.5
+    # the window must fit before the horizon
+    assert math.isnan(analysis.settle_time(times[:8], between[:8], floor[:8], tolerance=0.1, window=1.0,
+                                           width=0.0))
+    # t_eq = c/λ_e exactly ⇒ slope 1; noisy replicates give an interval containing it
+    lam = np.array([4e-3, 2e-3, 1e-3])
+    teq = 1.3 / lam
+    reps = [v * np.exp(np.random.default_rng(i).normal(0, 0.05, 100)) for i, v in enumerate(teq)]
+    fit = analysis.fit_exponent(lam, teq, reps)
+    assert fit.slope == pytest.approx(1.0) and fit.low < 1.0 < fit.high and fit.arms == 3
+
+
+def test_norm_relaxation_prediction_is_theory_formula() -> None:
+    # SGD: r⁴ − 1 = (r0⁴ − 1) e^{−4 λ_e t} (theory §11.4); sampled exactly, measured ≈ predicted
+    lam, eps = 1e-3, 0.05
+    steps = np.arange(0, 6001, 50.0)
+    r = ((0.2**4 - 1) * np.exp(-4 * lam * steps) + 1) ** 0.25
+    norms = np.repeat(r[:, None], 2, 1)
+    measured, predicted = analysis.relaxation(steps, norms, np.array([0, 0]), optimizer="sgd", intrinsic_lr=lam,
+                                              eps=eps)
+    assert predicted == pytest.approx(math.log(abs(0.2**4 - 1) / abs(0.95**4 - 1)) / (4 * lam), rel=1e-2)
+    assert abs(measured - predicted) <= 50 + 0.01 * predicted
+
+
+def test_periodic_norms_are_flagged() -> None:
+    t = np.linspace(0, 10, 80)
+    saw = np.exp(0.4 * ((t % 2) - 1))[:, None].repeat(3, 1)  # shrink, jump back up, repeat
+    flat = np.ones((80, 3)) * 2.0
+    # equilibrium noise: many small ups and downs (total variation ≫ 0.2, but no large swing)
+    jitter = 2.0 * np.exp(np.random.default_rng(0).normal(0, 0.02, (80, 3)))
+    approach = np.exp(-np.linspace(0, 3, 80))[:, None].repeat(3, 1)  # monotone relaxation
+    assert analysis.is_periodic(saw)
+    assert not any(analysis.is_periodic(x) for x in (flat, jitter, approach))
+
+
+def test_si_tensors_are_the_convs_feeding_batchnorm() -> None:
+    from ilr_inspect.retrain.inputs import si_tensors
+
+    names, note = si_tensors(_digits_net())
+    # fixtures/digits/model.py: conv1→bn1, conv2→bn2, conv3→bn3; fc feeds the loss
+    assert names == ["conv1.weight", "conv2.weight", "conv3.weight"] and note.startswith("graph")
+
+
+def test_batch_larger_than_data_is_a_usage_error(tmp_path: Path) -> None:
+    d = _write(tmp_path, _BASE.replace("batch_size = 16", "batch_size = 100000"))
+    with pytest.raises(UsageError, match="exceeds the 1497 training examples"):
+        equilibrium(d, out=tmp_path / "res", device="cpu", quick=True)
+    assert not (tmp_path / "res").exists()  # nothing claimed before the inputs were validated
+
+
+def test_single_npz_without_probe_uses_test_inputs(tmp_path: Path) -> None:
+    tr, te = np.load(DIGITS / "train.npz"), np.load(DIGITS / "test.npz")
+    np.savez(tmp_path / "all.npz", x_train=tr["x"], y_train=tr["y"], x_test=te["x"], y_test=te["y"])
+    text = _BASE.replace(f'train = "{DIGITS / "train.npz"}"', f'npz = "{tmp_path / "all.npz"}"')
+    text = text.replace(f'test = "{DIGITS / "test.npz"}"\n', "").replace(f'probe = "{DIGITS / "probe.npz"}"\n', "")
+    d = _write(tmp_path, text.replace("intrinsic_lr = [0.08, 0.04]", "intrinsic_lr = [0.08]"))
+    res = equilibrium(d, out=tmp_path / "res", device="cpu", quick=True)
+    assert res.curves is not None
+    first = res.curves.rows.iloc[0]
+    # step 0: all seeds of a start are the same network, so the floor is 0 and the distance is the disagreement
+    # between the two start checkpoints on the test inputs
+    preds = []
+    for f in sorted((d / "ckpts").glob("step_*.pt"), key=lambda f: int(f.stem.split("_")[-1])):
+        net = _digits_net()
+        net.load_state_dict(torch.load(f, weights_only=True)["model"])
+        with torch.no_grad():
+            preds.append(net.eval()(torch.from_numpy(te["x"])).argmax(1))
+    assert first["noise_floor"] == 0.0
+    assert first["distance_between"] == pytest.approx(float((preds[0] != preds[1]).float().mean()))
+
+
+def test_no_default_results_folder_inside_a_checkpoint_folder(tmp_path: Path) -> None:
+    d = _write(tmp_path, _BASE.replace('checkpoints = "CKPTS"', 'checkpoints = "ckpts"'))
+    ck = d / "ckpts"
+    (ck / "ilr.toml").write_text((d / "ilr.toml").read_text().replace('checkpoints = "ckpts"', 'checkpoints = "."'))
+    with pytest.raises(UsageError, match="holds the checkpoints"):
+        equilibrium(ck, device="cpu", quick=True)
+    assert not (ck / "ilr-results").exists()
