@@ -118,7 +118,10 @@ def atomic_write(path: Path, writer: Callable[[IO[bytes]], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs should get the usual permissions
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()

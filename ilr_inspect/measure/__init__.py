@@ -52,6 +52,7 @@ class _Track:
     prev_step: float | None = None
     prev_lam: float | None = None
     tau: float = 0.0
+    total: float = 0.0  # Σ λ_e since the first checkpoint (not reset at schedule changes)
     origin: float | None = None
     rows_norm: list[float] = field(default_factory=list)
     rows_step: list[float] = field(default_factory=list)
@@ -143,6 +144,8 @@ def _row(unit: Unit, track: _Track, ck: Checkpoint, hp: HParams | None, blocks: 
     if track.prev_step is None or not math.isfinite(step):
         track.tau, track.origin = 0.0, step
     else:
+        spent = track.prev_lam if (hp is None or hp.lr_timing == "next") else lam
+        track.total += (spent or 0.0) * (step - track.prev_step)
         changed = (lam is None) != (track.prev_lam is None) or (
             lam is not None and track.prev_lam is not None
             and abs(lam - track.prev_lam) > CHANGE_TOL * max(abs(lam), abs(track.prev_lam), 1e-300))
@@ -159,15 +162,18 @@ def _row(unit: Unit, track: _Track, ck: Checkpoint, hp: HParams | None, blocks: 
     eff_sq = lr / norm**2 if lr is not None and norm > 0 else math.nan
     eff_lin = lr / norm if lr is not None and norm > 0 else math.nan
     adam_like = d.family in ("adam", "lion")
-    relax = theory.relaxation_time(d)
-    done = theory.relaxation_done(d, track.tau)
-    closed = theory.equilibrium_norm_closed_form(d, max(1, numel // b))
+    # Equilibrium predictions describe scale-invariant units only; elsewhere they would be numbers without meaning.
+    si = bool(unit.scale_invariant)
+    relax = theory.relaxation_time(d) if si else None
+    done = theory.relaxation_done(d, track.tau) if si else None
+    closed = theory.equilibrium_norm_closed_form(d, max(1, numel // b)) if si else None
     row: dict[str, Any] = {
         "step": ck.step, "checkpoint": str(ck.path), "unit": unit.name, "members": unit.members_text,
         "scale_invariant": unit.scale_invariant, "evidence": unit.evidence, "numel": numel, "norm": norm,
         "lr": _f(lr), "weight_decay": _f(d.weight_decay), "momentum": _f(hp.momentum if hp else None),
         "optimizer": hp.optimizer if hp else None, "wd_mode": d.wd_mode, "intrinsic_lr": _f(lam),
         "effective_lr": eff_lin if adam_like else eff_sq, "intrinsic_time": track.tau if lam is not None else math.nan,
+        "intrinsic_time_total": track.total if lam is not None else math.nan,
         "kind": unit.kind, "role": unit.role, "norm_total": total,
         "row_norm_min": float(blocks_norm.min()) if b > 1 else math.nan,
         "row_norm_max": float(blocks_norm.max()) if b > 1 else math.nan,
@@ -175,7 +181,7 @@ def _row(unit: Unit, track: _Track, ck: Checkpoint, hp: HParams | None, blocks: 
         "effective_lr_lin": eff_lin, "schedule_origin_step": track.origin,
         "steps_since_change": step - track.origin if track.origin is not None else math.nan,
         "relaxation_steps": _f(relax), "relaxation_done": _f(done),
-        "predicted_angle_per_step": _f(theory.equilibrium_angle(d)),
+        "predicted_angle_per_step": _f(theory.equilibrium_angle(d)) if si else math.nan,
         "predicted_norm": _f(closed), "predicted_norm_source": "closed-form" if closed else None,
         "norm_ratio": norm / closed if closed else math.nan,
         "hparams_source": hp.source if hp else None, "lr_timing": hp.lr_timing if hp else None,
@@ -195,7 +201,7 @@ def _angle_row(unit: Unit, track: _Track, prev_ck: Checkpoint, ck: Checkpoint, h
     steps = (ck.step - prev_ck.step) if ck.step is not None and prev_ck.step is not None else None
     hp = hp_prev if (hp_cur is None or hp_cur.lr_timing == "next") else hp_cur
     d = theory.dynamics(hp if hp is not None else hp_cur)
-    pred = theory.predicted_angle(d, steps) if steps else None
+    pred = theory.predicted_angle(d, steps) if steps and unit.scale_invariant else None
     diff2 = tang_b + (np.sqrt(prev_b) - np.sqrt(cur_b)) ** 2  # ‖a − b‖² per block
     rel = math.sqrt(float(diff2.sum()) / float(prev_b.sum())) if prev_b.sum() > 0 else math.nan
     row: dict[str, Any] = {
@@ -204,7 +210,8 @@ def _angle_row(unit: Unit, track: _Track, prev_ck: Checkpoint, ck: Checkpoint, h
         "angle_per_sqrt_step": angle / math.sqrt(steps) if steps else math.nan, "relative_update": rel,
         "predicted_angle_per_step": pred / steps if pred is not None and steps else math.nan,
         "ratio": angle / pred if pred else math.nan, "predicted_angle": _f(pred),
-        "equilibrium_angle_per_step": _f(theory.equilibrium_angle(d)), "members": unit.members_text,
+        "equilibrium_angle_per_step": _f(theory.equilibrium_angle(d)) if unit.scale_invariant else math.nan,
+        "members": unit.members_text,
         "kind": unit.kind, "scale_invariant": unit.scale_invariant, "evidence": unit.evidence,
         "angle_max": float(np.max(theta[ok])) if ok.any() and len(theta) > 1 else math.nan,
         "checkpoint_from": str(prev_ck.path), "checkpoint_to": str(ck.path),

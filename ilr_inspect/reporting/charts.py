@@ -87,7 +87,8 @@ def _prepared_norms(tables: ReportTables, opts: Options) -> tuple[pd.DataFrame, 
     shown, total = top_units(frame, opts.max_units)
     keep = schedule_changes(tables)["step"].tolist()
     thinned = thin(frame, "step", opts.max_points, keep)
-    cols = [c for c in ("step", "unit", "norm", "effective_lr", "intrinsic_time") if c in frame.columns]
+    cols = [c for c in ("step", "unit", "norm", "effective_lr", "intrinsic_time", "intrinsic_time_total")
+            if c in frame.columns]
     lines = thinned.frame[thinned.frame["unit"].astype(str).isin(shown)][cols]
     lines = _positive(lines, [c for c in ("norm", "effective_lr") if c in cols])
     band = None
@@ -159,10 +160,12 @@ def norms_vs_intrinsic_time(tables: ReportTables, opts: Options) -> Figure | Non
     if prep is None:
         return None
     lines, _, note = prep
-    if "intrinsic_time" not in lines.columns or not lines["intrinsic_time"].notna().any():
+    # The cumulative clock keeps one line per unit across schedule changes (the per-row column restarts at 0).
+    tcol = "intrinsic_time_total" if "intrinsic_time_total" in lines.columns else "intrinsic_time"
+    if tcol not in lines.columns or not lines[tcol].notna().any():
         return None
     sel = alt.selection_point(name="pick_norm_time", fields=["unit"], bind="legend")
-    x = alt.X("intrinsic_time:Q", title="intrinsic time Σ η·λ (steps × λ_e)", scale=alt.Scale(nice=False))
+    x = alt.X(f"{tcol}:Q", title="intrinsic time Σ λ_e since the first checkpoint", scale=alt.Scale(nice=False))
     has_elr = "effective_lr" in lines.columns and lines["effective_lr"].notna().any()
     panels = [_norm_panel("norm", "weight norm ‖w‖", x, None, None, sel, False, None,
                           HALF if has_elr else WIDE).add_params(sel)]
