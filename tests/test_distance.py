@@ -272,11 +272,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_distance_json_with_discovery(run: Path, tmp_path: Path) -> None:
-    # model.py and probe.npz sit one folder above the checkpoints: both are discovered.
+    # model.py and probe.npz sit one folder above the checkpoints: the probe is discovered, but model code is
+    # only run when named, so the first call refuses with the exact --model to pass.
+    refused = _cli("distance", str(run / "ckpts"), "-q")
+    assert refused.returncode == 4
+    assert f"--model {run / 'model.py'}:build" in refused.stderr and "Traceback" not in refused.stderr
     out = tmp_path / "d.json"
-    proc = _cli("distance", str(run / "ckpts"), "--pairs", "all", "--bn-mode", "eval", "-f", "json", "-o", str(out))
+    proc = _cli("distance", str(run / "ckpts"), "--model", f"{run / 'model.py'}:build", "--pairs", "all",
+                "--bn-mode", "eval", "-f", "json", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "model.py:build" in proc.stderr and "probe.npz" in proc.stderr
+    assert "probe.npz" in proc.stderr
     doc = json.loads(out.read_text())
     assert doc["schema"] == "ilr-inspect/distance/v1"
     assert doc["meta"]["bn_mode"] == "eval"

@@ -47,8 +47,12 @@ def _search_dirs(candidates: list[Path]) -> list[Path]:
     return [root, root.parent]
 
 
-def discover_model(candidates: list[Path]) -> Path | str | None:
-    """A step-less .pt2 / TorchScript file, else a model.py with build(), next to the checkpoints or one up."""
+def discover_model(candidates: list[Path]) -> Path | None:
+    """A step-less .pt2 / TorchScript file next to the checkpoints or one folder up.
+
+    A ``model.py`` is never picked up on its own: running Python found beside downloaded checkpoints would be
+    the same risk as an untrusted pickle. :func:`model_py_hint` names it so the user can pass it explicitly.
+    """
     from ..models import is_torch_export, is_torchscript
     from ..series import step_from_name
 
@@ -58,6 +62,12 @@ def discover_model(candidates: list[Path]) -> Path | str | None:
                 is_torch_export(f) or is_torchscript(f)
             ):
                 return f
+    return None
+
+
+def model_py_hint(candidates: list[Path]) -> str | None:
+    """``path/model.py:build`` when such a file sits next to the checkpoints (for messages only)."""
+    for d in _search_dirs(candidates):
         py = d / "model.py"
         if py.is_file() and "def build" in py.read_text(errors="replace"):
             return f"{py}:build"
@@ -122,8 +132,11 @@ def distance_cmd(
     if model_spec is None:
         model_spec = discover_model(candidates)
         if model_spec is None:
-            raise ModelError("no --model given and none found next to the checkpoints",
-                             hint="pass --model model.py:build (or a .pt2 / TorchScript file)")
+            named = model_py_hint(candidates)
+            hint = (f"pass --model {named} to use the model.py found there (code is only run when you name it)"
+                    if named else "pass --model model.py:build (or a .pt2 / TorchScript file)")
+            raise ModelError("no --model given and no .pt2 / TorchScript model found next to the checkpoints",
+                             hint=hint)
         if not quiet:
             stderr.print(f"model: {model_spec} (found next to the checkpoints)", markup=False)
     # A model file sitting among the checkpoints is not itself a checkpoint of the series.

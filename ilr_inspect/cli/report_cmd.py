@@ -96,6 +96,13 @@ def report_cmd(
             model, probe = str(found_model), str(found_probe)
         elif model is not None or probe is not None:
             raise UsageError("--model and --probe go together; the other one was not found next to the checkpoints")
+        elif found_model is None and not quiet:
+            from .distance_cmd import model_py_hint
+
+            named = model_py_hint(candidates)
+            if named is not None:
+                stderr.print(f"note: no function-space distances; add --model {named} --probe PROBE to include them "
+                             "(ilr-inspect only runs model code you name)", markup=False)
     if no_distance:
         model = probe = None
     if model is not None and Path(model).is_file():

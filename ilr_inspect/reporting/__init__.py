@@ -201,12 +201,22 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
     tables = ReportTables(warnings=list(series.warnings))
     tables.ls = ls(series).rows
     tables.hparams = hparams(series).rows
-    found = detect_units(series.checkpoints[0], units_file=units_file)
+    detect: dict[str, Any] = {"units_file": units_file}
+    module = probe_data = None
+    if model is not None and probe is not None:
+        # With a model and a probe the units come from the graph and functional tiers, not names alone.
+        from ..models import build_model, load_weights
+        from ..probe import load_probe
+
+        module, probe_data = build_model(str(model)), load_probe(probe)
+        loaded = load_weights(module, series.checkpoints[0])
+        detect.update(model=module, probe=probe_data.inputs[:64], param_names=dict(loaded.mapping))
+    found = detect_units(series.checkpoints[0], **detect)
     m = measure(series, found, quiet=True)
     tables.norms, tables.angles = m.norms, m.angles
     tables.warnings.extend(w for w in m.warnings if w not in tables.warnings)
     # The units table without its own measurement pass; regimes come from the pass above.
-    unit_rows = units(series, units_file=units_file, measure_regime=False).rows
+    unit_rows = units(series, measure_regime=False, **detect).rows
     checks = cross_check(m.norms, m.angles)
     unit_rows["regime"] = [m.regimes[u].regime if u in m.regimes else "undetermined" for u in unit_rows["unit"]]
     unit_rows["regime_detail"] = [m.regimes[u].detail if u in m.regimes else "not measured"
@@ -215,12 +225,10 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
     tables.units = unit_rows
     if len(series) < 2:
         tables.warnings.append("a single checkpoint: no angular updates (they need two checkpoints)")
-    if model is not None and probe is not None:
+    if module is not None and probe_data is not None:
         from ..function_space import distance
-        from ..models import build_model
-        from ..probe import load_probe
 
-        tables.distance = distance(series, build_model(str(model)), load_probe(probe), pairs="all").rows
+        tables.distance = distance(series, module, probe_data, pairs="all").rows
     if series.logs is not None:
         tables.curves = series.logs.curves()
     return tables
