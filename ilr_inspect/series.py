@@ -349,8 +349,11 @@ def with_overrides(
     if lr is None and wd is None and momentum is None and optimizer is None:
         return None
     family = optimizer.lower() if optimizer else None
-    modes = {"sgd": "coupled", "adam": "coupled", "adamw": "decoupled", "lion": "decoupled", "sgdw": "decoupled"}
-    names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "lion": "Lion", "sgdw": "SGDW"}
+    # "decoupledadamw" is Composer's DecoupledAdamW: weight decay not multiplied by the lr (wd_mode "unscaled").
+    modes = {"sgd": "coupled", "adam": "coupled", "adamw": "decoupled", "lion": "decoupled", "sgdw": "decoupled",
+             "decoupledadamw": "unscaled"}
+    names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "lion": "Lion", "sgdw": "SGDW",
+             "decoupledadamw": "DecoupledAdamW"}
     if family is not None and family not in modes:
         raise UsageError(f"--optimizer must be one of {', '.join(modes)}, not {optimizer!r}")
     hp = HParams(lr=lr, weight_decay=wd, momentum=momentum, source="cli", lr_timing="used")

@@ -122,3 +122,22 @@ def test_nested_lightning_layout(tmp_path: Path) -> None:
         _write(ck / f"epoch=0-step={s}.safetensors", s)
     with open_series([tmp_path], read_logs=False) as series:
         assert series.steps == [5, 10]
+
+
+def test_overrides_fill_hparams_and_name_the_cli(tmp_path: Path) -> None:
+    from ilr_inspect.measure.theory import dynamics
+    from ilr_inspect.series import with_overrides
+
+    _write(tmp_path / "step_1.safetensors", 1)
+    hp_over = with_overrides(lr=0.01, wd=0.1, optimizer="decoupledadamw")
+    with open_series([tmp_path], overrides=hp_over, read_logs=False) as series:
+        hp = series.hparams_for(series[0])["conv.weight"]
+    assert (hp.lr, hp.weight_decay, hp.optimizer, hp.wd_mode, hp.source) == (0.01, 0.1, "DecoupledAdamW", "unscaled",
+                                                                              "cli")
+    # Composer's DecoupledAdamW shrinks by λ per step, not ηλ (theory.md §13.3).
+    assert dynamics(hp).intrinsic_lr == 0.1
+    adamw = with_overrides(lr=0.01, wd=0.1, optimizer="adamw")
+    assert adamw is not None
+    assert abs((dynamics(adamw).intrinsic_lr or 0) - 1e-3) < 1e-15
+    with pytest.raises(UsageError):
+        with_overrides(optimizer="nadam-ish")
