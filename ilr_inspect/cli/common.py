@@ -43,8 +43,9 @@ LrOpt = Annotated[float | None, typer.Option("--lr", help="Override the learning
 WdOpt = Annotated[float | None, typer.Option("--wd", help="Override the weight decay for every parameter.")]
 MomentumOpt = Annotated[float | None, typer.Option("--momentum", help="Override SGD momentum / Adam beta1.")]
 OptimizerOpt = Annotated[
-    str | None, typer.Option("--optimizer", help="Override the optimizer family: sgd, adamw, adam, lion, sgdw, decoupledadamw "
-                                         "(Composer; weight decay not scaled by the lr).")
+    str | None,
+    typer.Option("--optimizer", help="Override the optimizer family: sgd, adamw, adam, lion, sgdw, decoupledadamw "
+                                     "(Composer; weight decay not scaled by the lr)."),
 ]
 OnMismatchOpt = Annotated[
     str, typer.Option("--on-mismatch", help="A checkpoint of another architecture in the series: stop | skip.")
