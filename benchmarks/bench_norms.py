@@ -2,10 +2,12 @@
 
 Builds a series of checkpoints (half safetensors, half torch zip; default 2 GB in all) in a temporary folder
 outside the repository, warms the page cache, then times in the same run:
-  (a) read       - open each series and read every tensor once through the library's readers (memory-mapped
-                   views are materialised, so every byte is touched);
+  (a) read       - open each series and read every tensor once through the library's readers into memory
+                   (memory-mapped views are copied out, as a plain read would, so every byte is touched);
+  (r) raw read   - read every byte of the same files once into a reused buffer (the strictest baseline: no
+                   parsing, no allocation);
   (b) measure    - the library's single pass that produces norms and angles together (units from name rules);
-and prints the ratio (b)/(a), plus the peak traced memory of (b) against the largest tensor.
+and prints the ratios (b)/(a) and (b)/(r), plus the peak traced memory of (b) against the largest tensor.
 Run: python benchmarks/bench_norms.py [--size-gb 2] [--count 4] [--noise 1e-3|1] [--dir DIR] [--keep]
 """
 
@@ -72,6 +74,17 @@ def read_all(paths: list[Path]) -> int:
     return total
 
 
+def read_raw(paths: list[Path]) -> int:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with p.open("rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total
+
+
 def measure_all(paths: list[Path]) -> int:
     from ilr_inspect.measure import measure
     from ilr_inspect.series import open_series
@@ -109,11 +122,16 @@ def main() -> None:
         warm(paths)
         read_all(paths)
         measure_all(paths)  # imports and first-touch costs out of the way
-        reads = [timed(read_all, paths) for _ in range(args.repeat)]
-        meas = [timed(measure_all, paths) for _ in range(args.repeat)]
+        reads, raws, meas = [], [], []
+        for _ in range(args.repeat):  # interleaved, so that drifting machine load hits all three alike
+            reads.append(timed(read_all, paths))
+            raws.append(timed(read_raw, paths))
+            meas.append(timed(measure_all, paths))
         rate = sum(p.stat().st_size for p in paths) / min(reads) / 1e9
-        print(f"{kind:12s} read {min(reads):6.2f} s ({rate:.2f} GB/s)   norms+angles {min(meas):6.2f} s   "
-              f"ratio {min(meas) / min(reads):.2f}x   (median ratio {np.median(meas) / np.median(reads):.2f}x)")
+        print(f"{kind:12s} read {min(reads):6.3f} s ({rate:.2f} GB/s)   raw read {min(raws):6.3f} s   "
+              f"norms+angles {min(meas):6.3f} s   ratio {min(meas) / min(reads):.2f}x vs read, "
+              f"{min(meas) / min(raws):.2f}x vs raw read   (median ratios {np.median(meas) / np.median(reads):.2f}x, "
+              f"{np.median(meas) / np.median(raws):.2f}x)")
     largest = int(np.prod(SHAPE)) * 4
     for kind, paths in series.items():
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -355,3 +355,117 @@ def test_cli_units_norms_angles_on_safetensors_series(tmp_path: Path) -> None:
     assert {p["parameter"] for p in pt} == {"conv1.weight", "bn1.weight", "bn1.bias", "fc.weight", "fc.bias"}
     fc = next(p for p in pt if p["parameter"] == "fc.weight" and p["step"] == 300)
     assert fc["norm"] == pytest.approx(float(np.linalg.norm(saved[2]["fc.weight"].astype(np.float64))), rel=1e-6)
+
+
+# ------------------------------------------------------------------ block forms of the one-pass sums
+@pytest.mark.parametrize(("scale", "noise", "form"), [(0.999, 1e-3, "derived"), (1.0, 3e-7, "derived"),
+                                                      (0.99, 0.01, "derived"), (0.7, 1e-4, "exact"),
+                                                      (0.9, 1.0, "fast")])
+@pytest.mark.parametrize("rows", [True, False])
+def test_block_forms_match_float64(scale: float, noise: float, form: str, rows: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 (64, 3, 3, 3)·(40, 4608) tensors as in training (decay + noise): each block takes the cheapest form
+    whose error bound holds (small changes: from b − a alone; radial-dominated tiny angles: the exact form), and
+    norms, angles and relative updates still match a float64 recomputation."""
+    from ilr_inspect.measure import stream
+
+    monkeypatch.setattr(stream, "CHUNK", 1 << 14)  # several blocks per tensor, pieces for the rows=False case
+    used: list[str] = []
+    derived = stream._derived
+
+    def spy(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        out = derived(aa, dd, da)
+        used.append("derived" if out[2] else "rejected")
+        return out
+
+    monkeypatch.setattr(stream, "_derived", spy)
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((40, 4608)).astype(np.float32)
+    b = (scale * a.astype(np.float64) + noise * rng.standard_normal(a.shape)).astype(np.float32)
+    st = stream.row_stats(b, a, rows=rows)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    pa, pb = (a64, b64) if rows else (a64.reshape(1, -1), b64.reshape(1, -1))
+    np.testing.assert_allclose(st.sumsq, (pb**2).sum(axis=1), rtol=1e-6)
+    assert st.prev_sumsq is not None and st.tang is not None
+    np.testing.assert_allclose(st.prev_sumsq, (pa**2).sum(axis=1), rtol=1e-6)
+    na, nb = np.sqrt(st.prev_sumsq), np.sqrt(st.sumsq)
+    q = np.clip(st.tang / (na * nb), 0, 4)
+    theta = 2 * np.arctan2(np.sqrt(q), np.sqrt(4 - q))
+    ref = [_ref_angle(pa[r], pb[r]) for r in range(pa.shape[0])]
+    np.testing.assert_allclose(theta, ref, rtol=0, atol=1e-5)
+    if noise >= 1e-3:  # below, ‖a‖ − ‖b‖ is within the norms' own rounding: no relative update to speak of
+        diff2 = st.tang + (na - nb) ** 2  # ‖a − b‖² per row, as measure() forms it
+        np.testing.assert_allclose(np.sqrt(diff2), np.linalg.norm(pb - pa, axis=1), rtol=1e-5)
+    if form == "derived":
+        assert used and all(u == "derived" for u in used)
+    elif form == "exact":
+        assert "rejected" in used and "derived" not in used
+    else:
+        assert "derived" not in used
+
+
+def test_safetensors_views_and_mixed_dtypes_match_float64(tmp_path: Path) -> None:
+    """safetensors tensors come back as zero-copy views of a private map (writes never reach the file); float16
+    is converted block by block and bfloat16 widened, and norms and angles still match float64."""
+    from safetensors.torch import save_file
+
+    from ilr_inspect.formats import OpenOptions, safetensors_file
+
+    rng = np.random.default_rng(12)
+    base = {"w32": rng.standard_normal((48, 300)), "w16": rng.standard_normal((32, 64)),
+            "wbf": rng.standard_normal((16, 80))}
+    dtypes = {"w32": torch.float32, "w16": torch.float16, "wbf": torch.bfloat16}
+    saved: list[dict[str, np.ndarray]] = []
+    cks = []
+    for t in range(3):
+        sd = {k: torch.from_numpy(v * (1 - 0.02 * t) + 0.01 * t * rng.standard_normal(v.shape)).to(dtypes[k])
+              for k, v in base.items()}
+        saved.append({k: v.float().numpy().astype(np.float64) for k, v in sd.items()})
+        p = tmp_path / f"step_{t}.safetensors"
+        save_file(sd, str(p))
+        ck = safetensors_file.open(p, OpenOptions())
+        cks.append(Checkpoint(p, "safetensors", ck.source, step=t))
+    view = cks[0].read("w32")
+    assert not view.flags.owndata and np.shares_memory(view, cks[0].read("w32"))
+    before = (tmp_path / "step_0.safetensors").read_bytes()
+    kept = view[0, 0].copy()
+    view[0, 0] = kept + 1  # copy-on-write: the file is untouched
+    assert (tmp_path / "step_0.safetensors").read_bytes() == before
+    view[0, 0] = kept
+    units = [Unit(k, (k,), "tensor", True, "user", "t") for k in base]
+    m = measure(_Series(cks), units)
+    for t in range(3):
+        for k in base:
+            got = m.norms[(m.norms.unit == k) & (m.norms.step == t)]["norm"].item()
+            assert got == pytest.approx(float(np.linalg.norm(saved[t][k])), rel=1e-6)
+    for t in (1, 2):
+        for k in base:
+            got = m.angles[(m.angles.unit == k) & (m.angles.step_to == t)]["angle"].item()
+            assert got == pytest.approx(_ref_angle(saved[t - 1][k], saved[t][k]), abs=1e-5)
+
+
+def test_long_safetensors_series_keeps_few_files_mapped(tmp_path: Path) -> None:
+    """Each mapping holds a file descriptor; a tensor-major pass over 100 files must not keep all of them."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    from ilr_inspect.formats import OpenOptions, safetensors_file
+
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal(50).astype(np.float32)
+    cks = []
+    for t in range(100):
+        p = tmp_path / f"step_{t}.safetensors"
+        save_file({"w": (w * (1 + 0.01 * t)).astype(np.float32), "v": w}, str(p))
+        cks.append(Checkpoint(p, "safetensors", safetensors_file.open(p, OpenOptions()).source, step=t))
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    m = measure(_Series(cks), [Unit(k, (k,), "tensor", True, "user", "t") for k in ("w", "v")])
+    assert m.norms[m.norms.unit == "w"]["norm"].tolist() == pytest.approx(
+        [float(np.linalg.norm((w * (1 + 0.01 * t)).astype(np.float32).astype(np.float64))) for t in range(100)],
+        rel=1e-6)
+    assert safetensors_file._MAX_MAPS < 90  # fewer than the files, or the check below says nothing
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) - fds <= safetensors_file._MAX_MAPS + 4
+    for ck in cks:
+        ck.close()

@@ -1,10 +1,19 @@
 """A single ``.safetensors`` file, and the lazy source shared with sharded HF folders (formats.md §2.1.5).
 
-``safe_open`` parses only the JSON header; each tensor is copied out of the memory map when read.
+``safe_open`` parses and validates only the JSON header. Tensors of a dtype NumPy has are then returned as
+zero-copy views of a private (copy-on-write) memory map of the file, at the offsets the header gives: reading
+costs no copy, and writing into an array never reaches the file. Other dtypes (bfloat16, float8) are read
+through torch and widened to float32.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import mmap
+import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,38 @@ _DTYPES = {
     "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "C64": "complex64",
 }
 _NUMPY_OK = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL", "C64"}
+_LE = {k: np.dtype(_DTYPES[k]).newbyteorder("<") for k in _NUMPY_OK}  # the format is little-endian
+_HEADER_MAX = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Where the data starts, and the header (already validated by safe_open; the offsets are checked again
+    against the mapping in :meth:`SafetensorsSource._view`)."""
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > _HEADER_MAX:
+            raise ValueError(f"header length {n} exceeds the limit")
+        return 8 + n, json.loads(fh.read(n))
+
+
+# A mapping holds a file descriptor (CPython keeps one per mmap), and a tensor-major pass over a long series
+# touches every file in turn: keep the most recent few mapped. A dropped mapping lives on while arrays use it.
+_MAX_MAPS = 64
+_MAPS: OrderedDict[tuple[int, Path], mmap.mmap] = OrderedDict()
+_MAPS_LOCK = threading.Lock()
+_TOKENS = itertools.count()
+
+
+def _mapping(token: int, path: Path) -> mmap.mmap:
+    with _MAPS_LOCK:
+        mm = _MAPS.pop((token, path), None)
+        if mm is None:
+            with path.open("rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+        _MAPS[(token, path)] = mm
+        while len(_MAPS) > _MAX_MAPS:
+            _MAPS.popitem(last=False)
+        return mm
 
 
 def sniff(path: Path) -> bool:
@@ -40,6 +81,8 @@ class SafetensorsSource:
         self._where: dict[str, Path] = {}
         self._infos: list[TensorInfo] = []
         self._framework: dict[Path, str] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._token = next(_TOKENS)
         self.metadata: dict[str, str] = {}
         for f in files:
             try:
@@ -80,6 +123,9 @@ class SafetensorsSource:
     def read(self, name: str) -> np.ndarray:
         f = self._where[name]
         try:
+            view = self._view(f, name)
+            if view is not None:
+                return view
             t = self._handles[f].get_tensor(name)
         except Exception as exc:
             raise CorruptCheckpointError(f"cannot read tensor {name!r} ({str(exc)[:200]})",
@@ -90,8 +136,30 @@ class SafetensorsSource:
             return to_numpy(t)
         return np.asarray(t)
 
+    def _view(self, f: Path, name: str) -> np.ndarray | None:
+        """The tensor as a view of the file's memory map, or None for a dtype NumPy lacks."""
+        if f not in self._headers:
+            self._headers[f] = _header(f)
+        start, header = self._headers[f]
+        entry = header[name]
+        dtype = _LE.get(entry["dtype"])
+        if dtype is None:
+            return None
+        shape = tuple(int(d) for d in entry["shape"])
+        lo, hi = (int(x) for x in entry["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64))
+        mm = _mapping(self._token, f)
+        if not 0 <= lo <= hi <= len(mm) - start or hi - lo != count * dtype.itemsize:
+            raise ValueError(f"data offsets {lo}..{hi} do not fit shape {list(shape)} in a {len(mm)}-byte file")
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=start + lo).reshape(shape)
+
     def close(self) -> None:
+        # Arrays already handed out keep their mapping alive; it is unmapped when the last one is freed.
         self._handles.clear()
+        self._headers.clear()
+        with _MAPS_LOCK:
+            for key in [k for k in _MAPS if k[0] == self._token]:
+                del _MAPS[key]
 
 
 def step_from_metadata(meta: Mapping[str, str]) -> int | None:

@@ -25,9 +25,13 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 
-CHUNK = 1 << 18  # elements per block of work: stays in cache, bounds temporaries to 1 MiB (float32)
+CHUNK = 1 << 20  # elements per block of work: stays in the last-level cache; temporaries ≤ 4 MiB each
 BLOCK = 256  # float32 partial sums cover at most 256 products; partials are then summed in float64
-FAST_Q = 0.04  # ‖â−b̂‖² above which the one-sweep ⟨a,b⟩ form is accurate to 1e-5 rad (see row_stats)
+FAST_Q = 0.04  # ‖â−b̂‖² above which the ⟨a,b⟩ form is accurate to 1e-5 rad (see _block_stats)
+ANGLE_TOL = 2e-6  # rigorous bound on the angle error (rad) the derived form must meet; the target is 1e-5
+NORM_TOL = 1e-6  # ... and on the relative error of ‖b‖², i.e. 5e-7 on the norm (the target is 1e-6)
+_U = 2.0**-24  # float32 unit roundoff
+_DOT_EPS = BLOCK * _U  # rigorous relative bound for a float32 partial over ≤ BLOCK products, any summation order
 
 
 @dataclass
@@ -44,7 +48,6 @@ class TensorStats:
     prev_sumsq: np.ndarray | None  # None for the first checkpoint or when the shape changed
     tang: np.ndarray | None
     numel: int
-    fast: bool = False  # P came from the one-sweep ⟨a,b⟩ form (a hint for the next checkpoint's pair)
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -63,57 +66,139 @@ def _einsum_vecdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 _vecdot: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(np, "vecdot", _einsum_vecdot)  # NumPy < 2.0
 
 
-def _row_sumsq(x: np.ndarray) -> np.ndarray:
-    """Σ_j x_ij² per row in float64. Float32 data: SIMD partial sums over ≤ BLOCK products (relative error of a
-    partial ≲ 32·2⁻²⁴ even in the worst case), accumulated in float64 — as accurate as a float64 pass for the
-    1e-6 target, and 10–50× cheaper than converting every element to float64."""
+def _row_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Σ_j x_ij·y_ij per row in float64. Float32 data: SIMD partial sums over ≤ BLOCK products (relative error of
+    a partial ≲ 32·2⁻²⁴ even in the worst case), accumulated in float64 — as accurate as a float64 pass for the
+    1e-6 target, and far cheaper than converting every element to float64."""
     # np.vecdot (a gufunc) releases the GIL, so worker threads really run in parallel; einsum does not.
     if x.dtype == np.float64:
-        return np.asarray(_vecdot(x, x))
+        return np.asarray(_vecdot(x, y))
     rows, cols = x.shape
     k = cols // BLOCK
+    if k and cols == k * BLOCK:
+        parts = _vecdot(x.reshape(rows, k, BLOCK), y.reshape(rows, k, BLOCK))
+        return np.asarray(parts.sum(axis=1, dtype=np.float64))
     out = np.zeros(rows, dtype=np.float64)
     if k:
-        main = x[:, : k * BLOCK].reshape(rows, k, BLOCK)
-        out += _vecdot(main, main).sum(axis=1, dtype=np.float64)
-    if cols > k * BLOCK:
-        tail = x[:, k * BLOCK :]
-        out += _vecdot(tail, tail).astype(np.float64)
-    return out
-
-
-def _row_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Σ_j x_ij·y_ij per row, float32 partials over ≤ BLOCK products accumulated in float64."""
-    rows, cols = x.shape
-    k = cols // BLOCK
-    out = np.zeros(rows, dtype=np.float64)
-    if k:
-        out += _vecdot(x[:, : k * BLOCK].reshape(rows, k, BLOCK), y[:, : k * BLOCK].reshape(rows, k, BLOCK)).sum(
-            axis=1, dtype=np.float64)
-    if cols > k * BLOCK:
-        out += _vecdot(x[:, k * BLOCK :], y[:, k * BLOCK :]).astype(np.float64)
+        parts = _vecdot(x[:, : k * BLOCK].reshape(rows, k, BLOCK), y[:, : k * BLOCK].reshape(rows, k, BLOCK))
+        out += parts.sum(axis=1, dtype=np.float64)
+    out += _vecdot(x[:, k * BLOCK :], y[:, k * BLOCK :])
     return out
 
 
 def _blocks(n_rows: int, cols: int) -> list[tuple[slice, slice]]:
-    # Large rows are cut into column blocks; small rows are grouped so each block holds about CHUNK elements.
-    col_step = cols if cols <= CHUNK else CHUNK
-    row_step = max(1, CHUNK // col_step)
-    return [(slice(i, i + row_step), slice(j, j + col_step))
-            for i in range(0, n_rows, row_step) for j in range(0, cols, col_step)]
+    """Long rows are cut into pieces of CHUNK; short rows are grouped so each block holds about CHUNK elements.
+    The first block is a small probe (about CHUNK/16), so that choosing the form for the rest costs little."""
+    if cols > CHUNK:
+        probe = CHUNK // 16
+        cuts = [(0, probe), *((j, j + CHUNK) for j in range(probe, cols, CHUNK))]
+        return [(slice(i, i + 1), slice(lo, hi)) for i in range(n_rows) for lo, hi in cuts]
+    row_step = max(1, CHUNK // cols)
+    first = max(1, row_step // 16)
+    starts = [0, *range(first, n_rows, row_step)]
+    return [(slice(s, min(e, n_rows)), slice(0, cols)) for s, e in zip(starts, [*starts[1:], n_rows], strict=True)]
 
 
-def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True,
-              prev_sumsq: np.ndarray | None = None, try_fast: bool = True) -> TensorStats:
-    """Row sums for the current value and, against the previous checkpoint's value, the tangential term P.
+def _as_work(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
+    """The block in the working dtype, converted into a reused buffer when it is not already in it."""
+    if buf is None or x.dtype == buf.dtype:
+        return x
+    out = buf[: x.size].reshape(x.shape)
+    np.copyto(out, x, casting="unsafe")
+    return out
 
-    Fast path (float32 data): one sweep gives ‖b‖², ‖a‖² and ⟨a,b⟩, and P = 2(‖a‖‖b‖ − ⟨a,b⟩). Its error is
-    ~ε‖a‖‖b‖ (ε ≲ 2e-6 even in the worst case for the blocked sums), so it is kept only where every row has
-    q = P/(‖a‖‖b‖) ≥ FAST_Q, i.e. angles ≥ ~0.2 rad, where the angle error stays below 1e-5 rad. Otherwise a
-    second sweep over the blocks (still in memory, no file read) forms d = b − (‖b‖/‖a‖)·a elementwise, whose
-    squared norm is P·‖b‖/‖a‖ with no cancellation however small the angle or large the norm change (in float32
-    the rounding of d adds ≲ 1e-7 rad). ``try_fast=False`` skips the first attempt (the previous pair of this
-    tensor needed the second sweep, so this one very likely does too).
+
+def _exact_tang(x: np.ndarray, y: np.ndarray, aa: np.ndarray, bb: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """P from d = b − (‖b‖/‖a‖)·a elementwise: ‖d‖² = P·‖b‖/‖a‖ with no cancellation however small the angle or
+    large the norm change (rounding d adds ≲ 1e-7 rad)."""
+    na, nb = np.sqrt(aa), np.sqrt(bb)
+    live = (na > 0) & (nb > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(live, nb / na, 0.0)
+        back = np.where(live, na / nb, 0.0)
+    d = scratch[: x.size].reshape(x.shape)
+    np.multiply(y, scale.astype(x.dtype)[:, None], out=d)
+    np.subtract(x, d, out=d)
+    return np.asarray(_row_dot(d, d) * back)
+
+
+def _derived(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """‖b‖² and P from ‖a‖², ‖d‖² and ⟨d,a⟩ of the difference d = b − a (three passes instead of four).
+
+    ‖b‖² = ‖a‖² + 2⟨d,a⟩ + ‖d‖², and with ρ = ‖a‖ − ‖b‖ = −(2⟨d,a⟩ + ‖d‖²)/(‖a‖ + ‖b‖) (no cancellation),
+    ‖b − (‖b‖/‖a‖)a‖² = ‖d + (ρ/‖a‖)a‖² = ‖d‖² + 2ρ⟨d,a⟩/‖a‖ + ρ² = P·‖b‖/‖a‖. The terms cancel where the change
+    is mostly radial, so a rigorous bound on the angle error must stay below ANGLE_TOL, and one on ‖b‖² below
+    NORM_TOL, in every row; otherwise (ok = False) the caller computes the block another way. The bounds take the
+    dot products' errors as ≤ _DOT_EPS·Σ|terms| (≤ BLOCK float32 products per partial, any summation order),
+    with |ρ| ≤ ‖d‖ and |⟨d,a⟩| ≤ ‖d‖‖a‖, and d's own rounding (≤ 2⁻²⁴|d|, moving b by ≤ 2⁻²⁴‖d‖)."""
+    bb = np.maximum(aa + 2.0 * da + dd, 0.0)
+    na, nb, nd = np.sqrt(aa), np.sqrt(bb), np.sqrt(dd)
+    live = (na > 0) & (nb > 0)
+    e, u = _DOT_EPS, _U
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = -(2.0 * da + dd) / (na + nb)
+        t = np.maximum(dd + rho * (rho + 2.0 * da / na), 0.0)
+        q = t / bb
+        dq = 2.0 * ((3.0 * e + 4.0 * u * u) * dd + nd * (3.0 * e * q * nb + 4.0 * u * np.sqrt(t))) / bb
+        hi = np.minimum(q + dq, 3.99)
+        d_theta = (np.sqrt(hi) - np.sqrt(np.maximum(q - dq, 0.0))) / np.sqrt(1.0 - hi / 4.0)
+        d_norm = (e * (2.0 * na + nd) + 2.0 * u * (nb + nd)) * nd / bb
+        p = np.where(live, t * na / nb, 0.0)
+    ok = bool(np.all(d_theta[live] <= ANGLE_TOL) and np.all(d_norm[live] <= NORM_TOL))
+    return bb, p, ok
+
+
+def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray, str]:
+    """‖b‖², ‖a‖² and P for each row of one block (rows wholly inside it, or one piece of a long row), read while
+    the block is in cache, so memory sees each element once. Three forms, cheapest first where they hold:
+
+    - ``derived`` (float32, small changes): d = b − a, then :func:`_derived` (sweeps: a², d = b − a, d², d·a);
+    - ``fast`` (float32, large angles): P = 2(‖a‖‖b‖ − ⟨a,b⟩) (sweeps: a², b², a·b). Its error is ~ε‖a‖‖b‖
+      (ε ≲ 2e-6 for the blocked sums), so it is kept only where every live row has q = P/(‖a‖‖b‖) ≥ FAST_Q, i.e.
+      angles ≥ ~0.2 rad, where the angle error stays below 1e-5 rad;
+    - ``exact``: :func:`_exact_tang` (sweeps: a², b², d = b − (‖b‖/‖a‖)·a in two, d²).
+
+    ``mode`` is the form to try first: the one that held for the previous block, as neighbours change alike.
+    Returns (‖b‖², ‖a‖², P, the form to try first on the next block)."""
+    aa = _row_dot(y, y)
+    ab = None
+    if mode == "derived":
+        d = scratch[: x.size].reshape(x.shape)
+        np.subtract(x, y, out=d)
+        da = _row_dot(d, y)
+        bb, p, ok = _derived(aa, _row_dot(d, d), da)
+        if ok:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                big = bool(np.all(p >= 2 * FAST_Q * np.sqrt(aa * bb)))
+            return bb, aa, p, ("fast" if big else "derived")
+        ab = aa + da  # ⟨a,b⟩ = ‖a‖² + ⟨a,d⟩: the fast form below needs only ‖b‖² more
+        mode = "fast"
+    bb = _row_dot(x, x)
+    nn = np.sqrt(aa * bb)
+    live = nn > 0
+    if mode == "fast":
+        p = np.maximum(2.0 * (nn - (_row_dot(x, y) if ab is None else ab)), 0.0)
+        if bool(np.all(p[live] >= FAST_Q * nn[live])):
+            return bb, aa, np.where(live, p, 0.0), "fast"
+        mode = "derived" if ab is None and x.dtype == np.float32 else "exact"
+    p = _exact_tang(x, y, aa, bb, scratch)
+    if mode == "exact" and bool(np.all(p[live] >= 2 * FAST_Q * nn[live])):
+        mode = "fast"
+    return bb, aa, p, mode
+
+
+def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True) -> TensorStats:
+    """Row sums for the current value b and, against the previous checkpoint's value a, the tangential term P.
+
+    One sweep over cache-sized blocks: each block yields ‖b‖², ‖a‖² and P of its rows while it is in cache
+    (:func:`_block_stats`), so memory sees every element once. A row longer than a block is cut into pieces i, each
+    with its own P_i; then P = Σ P_i + 2(‖a‖‖b‖ − Σ ‖a_i‖‖b_i‖), from P = 2(‖a‖‖b‖ − ⟨a,b⟩) and
+    ⟨a,b⟩ = Σ ⟨a_i,b_i⟩. The last term is ≥ 0 (Cauchy–Schwarz) and its first-order sensitivity to errors in the
+    piece norms vanishes where the pieces' norm ratios agree, so it adds only float64 rounding (~1e-8 rad). A
+    per-piece angle bound carries over to the row: with weights w_i = ‖a_i‖‖b_i‖/(‖a‖‖b‖), Σ w_i ≤ 1,
+    Δq ≤ Σ w_i·2√q_i·tol ≤ 2√q·tol since q ≥ Σ w_i q_i.
+    Data that is neither float32 nor float64 is converted block by block into a reused buffer.
     """
     n_rows = _rows(cur.shape) if rows else 1
     b = np.asarray(cur).reshape(n_rows, -1)
@@ -121,61 +206,39 @@ def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True,
     if prev is not None and prev.shape == cur.shape:
         a = np.asarray(prev).reshape(n_rows, -1)
     cols = b.shape[1]
-    ss = np.zeros(n_rows, dtype=np.float64)
     if cols == 0 or n_rows == 0:
         z = None if a is None else np.zeros(n_rows)
-        return TensorStats(ss, z, z, 0)
-    work = np.float64 if b.dtype == np.float64 else np.float32
+        return TensorStats(np.zeros(n_rows, dtype=np.float64), z, z, 0)
+    work = np.dtype(np.float64 if b.dtype == np.float64 else np.float32)
+    size = min(b.size, CHUNK)
+    bufx = None if b.dtype == work else np.empty(size, dtype=work)
+    if a is None and bufx is None:
+        return TensorStats(_row_dot(b, b), None, None, int(b.size))  # no temporaries: one call
     blocks = _blocks(n_rows, cols)
-    need_prev = a is not None and (prev_sumsq is None or prev_sumsq.shape != ss.shape)
-    pss = np.zeros(n_rows, dtype=np.float64) if need_prev or prev_sumsq is None else prev_sumsq
-    ab = np.zeros(n_rows, dtype=np.float64)
-    fast = a is not None and work == np.float32 and try_fast
-    for rs, cs in blocks:
-        x = b[rs, cs]
-        if x.dtype != work:
-            x = x.astype(work)
-        ss[rs] += _row_sumsq(x)
-        if a is not None and (fast or need_prev):
-            y = a[rs, cs]
-            y = y if y.dtype == work else y.astype(work)
-            if need_prev:
-                pss[rs] += _row_sumsq(y)
-            if fast:
-                ab[rs] += _row_dot(x, y)
+    ss = np.zeros(n_rows, dtype=np.float64)
     if a is None:
+        for rs, cs in blocks:
+            x = _as_work(b[rs, cs], bufx)
+            ss[rs] += _row_dot(x, x)
         return TensorStats(ss, None, None, int(b.size))
-    na, nb = np.sqrt(pss), np.sqrt(ss)
-    live = (na > 0) & (nb > 0)
-    if fast:
-        tang = np.maximum(2.0 * (na * nb - ab), 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = tang / (na * nb)
-        if bool(np.all(q[live] >= FAST_Q)):
-            return TensorStats(ss, pss, np.where(live, tang, 0.0), int(b.size), fast=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(live, nb / na, 0.0)
-        back = np.where(live, na / nb, 0.0)
+    bufy = None if a.dtype == work else np.empty(size, dtype=work)
+    scratch = np.empty(size, dtype=work)
+    pss = np.zeros(n_rows, dtype=np.float64)
     tang = np.zeros(n_rows, dtype=np.float64)
-    scale_w = scale.astype(work)
-    scratch = np.empty(min(b.size, CHUNK), dtype=work)
+    cross = np.zeros(n_rows, dtype=np.float64) if cols > CHUNK else None  # Σ ‖a_i‖‖b_i‖ over pieces of a row
+    mode = "derived" if work == np.float32 else "exact"
     for rs, cs in blocks:
-        x = b[rs, cs]
-        d = scratch[: x.size].reshape(x.shape)
-        np.multiply(a[rs, cs], scale_w[rs, None], out=d, casting="unsafe")
-        np.subtract(x, d, out=d, casting="unsafe")
-        tang[rs] += _row_sumsq(d)
-    return TensorStats(ss, pss, tang * back, int(b.size))
-
-
-def _chained(cur: np.ndarray, prev: np.ndarray | None, rows: bool,
-             prev_stats: Future[TensorStats] | None) -> TensorStats:
-    """row_stats with the previous checkpoint's sums of the same tensor (submitted earlier, so never a deadlock)."""
-    if prev_stats is None or prev is None:
-        return row_stats(cur, prev, rows=rows)
-    before = prev_stats.result()
-    # The first pair has no hint; later pairs retry the one-sweep form only if it worked last time.
-    return row_stats(cur, prev, rows=rows, prev_sumsq=before.sumsq, try_fast=before.fast or before.tang is None)
+        x = _as_work(b[rs, cs], bufx)
+        y = _as_work(a[rs, cs], bufy)
+        bb, aa, p, mode = _block_stats(x, y, scratch, mode)
+        ss[rs] += bb
+        pss[rs] += aa
+        tang[rs] += p
+        if cross is not None:
+            cross[rs] += np.sqrt(aa * bb)
+    if cross is not None:
+        tang += 2.0 * np.maximum(np.sqrt(pss * ss) - cross, 0.0)
+    return TensorStats(ss, pss, tang, int(b.size))
 
 
 @dataclass
@@ -221,7 +284,6 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilr-measure") as pool:
             for name in order:
                 prev: np.ndarray | None = None
-                prev_fut: Future[TensorStats] | None = None
                 for i, ck in enumerate(checkpoints):
                     if name not in ck.tensors:
                         prev = None
@@ -230,9 +292,9 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
                     if prev is not None and prev.shape != cur.shape:
                         warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
                         prev = None
-                    fut = pool.submit(_chained, cur, prev, name in with_rows, prev_fut)
+                    fut = pool.submit(row_stats, cur, prev, rows=name in with_rows)
                     pending.append((i, name, fut))
-                    prev, prev_fut = cur, fut
+                    prev = cur
                     del cur
                     while len(pending) > workers:
                         j, n, fut = pending.popleft()
