@@ -235,6 +235,7 @@ def test_bn_affine_pair_into_another_bn_is_jointly_invariant(probe: torch.Tensor
     assert pair.scale_invariant
     assert _truth_dev(model, probe, ("layer1.0.bn1.weight",)) > 1e-3  # γ alone is not
     assert _truth_dev(model, probe, pair.members) < 1e-9
+    assert pair.kind == "joint"  # a union of two tensors
 
 
 def test_torch_export_graph_finds_the_same_units(probe: torch.Tensor) -> None:

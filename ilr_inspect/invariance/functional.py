@@ -159,7 +159,8 @@ def functional_units(module: nn.Module, probe: torch.Tensor, *, granularity: str
                                   f"scaling {unit_name(list(cand))} by 0.5/2 changes the output by {dev:.2e} "
                                   f"(relative, ≥ {tol:g})", deviation=dev, role="not-invariant")
             continue
-        kind, groups, extra = "tensor", None, ""
+        # Several tensors scaled together (e.g. a BatchNorm's γ and β) form a union: kind "joint".
+        kind, groups, extra = ("joint" if len(cand) > 1 else "tensor"), None, ""
         if granularity != "tensor" and fp.params[weight].dim() >= 1:
             rdev = fp.row_deviation(cand)
             if rdev < tol:

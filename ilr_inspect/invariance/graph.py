@@ -347,7 +347,8 @@ def graph_units(g: IGraph, *, granularity: str = "tensor", max_merges: int = 64)
             reason = (f"each alone is not SI ({failures.get(min(st), 'mixed into a sum')}); together their "
                       f"outputs are summed and read only through normalizers ({norm_labels})")
         else:
-            kind, groups = "tensor", None
+            # One node's several tensors (a normalizer's γ and β) scale together: a union, hence "joint".
+            kind, groups = ("joint" if len(members) > 1 else "tensor"), None
             if granularity != "tensor" and v.channelwise and norm_kinds <= {"batch", "instance"} and norm_kinds:
                 kind = "channel"
             elif granularity != "tensor" and v.channelwise and norm_kinds == {"group"}:
