@@ -62,3 +62,16 @@ def test_readme_example(line: str, tmp_path: Path) -> None:
         assert out.exists() and out.stat().st_size > 0
     elif "--format" not in args:
         assert proc.stdout.strip(), "a table command printed nothing"
+
+
+def test_readme_python_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = re.search(r"## Python API\s*```python\n(.*?)```", README, re.S)
+    assert m, "README has no Python API example"
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(m.group(1), "README.md", "exec"), namespace)
+    norms = namespace["norms"]
+    rows = norms.rows  # type: ignore[attr-defined]
+    assert {"step", "unit", "norm", "effective_lr", "intrinsic_lr"} <= set(rows.columns)
+    assert rows["step"].nunique() == 13
