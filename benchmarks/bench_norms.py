@@ -109,7 +109,12 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=1e-3,
                     help="update size between checkpoints: 1e-3 gives ~1e-3 rad (small-angle path), 1 gives ~0.8 rad")
     ap.add_argument("--keep", action="store_true", help="keep the files")
+    ap.add_argument("--kernel", choices=("auto", "on", "off"), default="auto",
+                    help="the compiled numba pass (extra `fast`): auto uses it from ~1 GB of pairs on")
     args = ap.parse_args()
+    import os
+
+    os.environ["ILR_INSPECT_KERNEL"] = args.kernel
     root = args.dir or Path(tempfile.mkdtemp(prefix="ilr-bench-norms-"))
     per_ckpt = int(args.size_gb * 1e9 / (2 * args.count))
     t0 = time.perf_counter()
@@ -121,7 +126,8 @@ def main() -> None:
     for kind, paths in series.items():
         warm(paths)
         read_all(paths)
-        measure_all(paths)  # imports and first-touch costs out of the way
+        first = timed(measure_all, paths)  # imports, numba load and first-touch costs out of the way
+        print(f"{kind:12s} first norms+angles call (one-time imports / kernel load included): {first:.3f} s")
         reads, raws, meas = [], [], []
         for _ in range(args.repeat):  # interleaved, so that drifting machine load hits all three alike
             reads.append(timed(read_all, paths))

@@ -469,3 +469,131 @@ def test_long_safetensors_series_keeps_few_files_mapped(tmp_path: Path) -> None:
         assert len(os.listdir("/proc/self/fd")) - fds <= safetensors_file._MAX_MAPS + 4
     for ck in cks:
         ck.close()
+
+
+# ------------------------------------------------------------------ optional compiled pass (numba) on and off
+@pytest.fixture(params=[False, True], ids=["numpy", "kernel"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Runs a test with the compiled one-loop pass off and on (on: skipped where numba is not installed)."""
+    from ilr_inspect.measure import stream
+
+    if request.param:
+        pytest.importorskip("numba")
+        monkeypatch.setattr(stream, "KERNEL_MIN_PAIRS", 0)  # series passes take it however small
+    monkeypatch.setattr(stream, "KERNEL", request.param)
+    return bool(request.param)
+
+
+def test_float64_recomputation_kernel_on_and_off(kernel: bool) -> None:
+    test_norms_and_angles_match_float64_numpy()
+
+
+@pytest.mark.parametrize("theta", [1e-4, 0.19, 0.21, 1.5])
+@pytest.mark.parametrize("shape", [(64, 3, 3, 3), (600_000,), (8, 70_000)])
+def test_float32_angles_kernel_on_and_off(theta: float, shape: tuple[int, ...], kernel: bool) -> None:
+    test_float32_angles_both_paths_match_float64(theta, shape)
+
+
+@pytest.mark.parametrize("theta", [3e-8, 1e-3, 2.5])
+def test_float64_tiny_angles_kernel_on_and_off(theta: float, kernel: bool) -> None:
+    test_tiny_and_large_angles_are_exact(theta)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [True, False])
+def test_mixed_rows_kernel_on_and_off(dtype: type, rows: bool, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tensor whose rows need different forms: small changes, large angles, mostly radial tiny angles
+    (where 1 − cos cancels), unchanged rows and all-zero rows. NumPy blocks are made small so long rows are
+    split. Norms 1e-6 relative and angles 1e-5 rad against float64; with the kernel on, the compiled pass must
+    have run and NumPy must have seen only rows whose bounds failed."""
+    from ilr_inspect.measure import stream
+
+    monkeypatch.setattr(stream, "CHUNK", 1 << 12)
+    calls: list[int] = []
+    if kernel:
+        from ilr_inspect.measure import _kernel
+
+        pair_sums = _kernel.pair_sums
+        monkeypatch.setattr(_kernel, "pair_sums", lambda b, a: (calls.append(b.shape[0]), pair_sums(b, a))[1])
+    numpy_rows: list[int] = []
+    numpy_pair = stream._numpy_pair
+    monkeypatch.setattr(stream, "_numpy_pair", lambda b, a, w, buf: (numpy_rows.append(b.shape[0]),
+                                                                       numpy_pair(b, a, w, buf))[1])
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((24, 5000))
+    b = a.copy()
+    b[0:6] = 0.999 * a[0:6] + 1e-3 * rng.standard_normal((6, 5000))  # small changes: derived form
+    b[6:12] = 0.6 * a[6:12] + rng.standard_normal((6, 5000))  # large angles: fast form
+    b[12:18] = 0.7 * a[12:18] + 1e-6 * rng.standard_normal((6, 5000))  # mostly radial, tiny angle: exact form
+    a[20:22] = b[20:22] = 0.0  # dead rows: no angle; rows 18-19 and 22-23 unchanged
+    a, b = a.astype(dtype), b.astype(dtype)
+    st = stream.row_stats(b, a, rows=rows)
+    pa, pb = (a.astype(np.float64), b.astype(np.float64))
+    if not rows:
+        pa, pb = pa.reshape(1, -1), pb.reshape(1, -1)
+    np.testing.assert_allclose(st.sumsq, (pb**2).sum(axis=1), rtol=1e-6)
+    assert st.prev_sumsq is not None and st.tang is not None
+    np.testing.assert_allclose(st.prev_sumsq, (pa**2).sum(axis=1), rtol=1e-6)
+    na, nb = np.sqrt(st.prev_sumsq), np.sqrt(st.sumsq)
+    live = (na > 0) & (nb > 0)
+    q = np.clip(st.tang[live] / (na * nb)[live], 0, 4)
+    theta = 2 * np.arctan2(np.sqrt(q), np.sqrt(4 - q))
+    ref = [_ref_angle(pa[r], pb[r]) for r in np.flatnonzero(live)]
+    np.testing.assert_allclose(theta, ref, rtol=0, atol=1e-5)
+    assert np.all(st.tang[~live] == 0)
+    if kernel:
+        assert calls == [pa.shape[0]]
+        assert sum(numpy_rows) <= (6 if rows else 1)  # only the mostly radial rows (or the one row) went to NumPy
+    else:
+        assert not calls and sum(numpy_rows) == pa.shape[0]
+
+
+def test_without_numba_the_numpy_path_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba not installed (its import fails): the kernel is skipped silently and results match float64."""
+    import sys
+
+    from ilr_inspect.measure import stream
+
+    monkeypatch.setattr(stream, "_kernel_mod", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` raise ImportError
+    monkeypatch.delitem(sys.modules, "ilr_inspect.measure._kernel", raising=False)
+    monkeypatch.delattr(sys.modules["ilr_inspect.measure"], "_kernel", raising=False)
+    assert stream._pair_kernel() is None
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((16, 300)).astype(np.float32)
+    b = (0.9 * a + 1e-2 * rng.standard_normal(a.shape)).astype(np.float32)
+    st = stream.row_stats(b, a)
+    assert st.tang is not None
+    na, nb = np.linalg.norm(a.astype(np.float64), axis=1), np.linalg.norm(b.astype(np.float64), axis=1)
+    np.testing.assert_allclose(np.sqrt(st.sumsq), nb, rtol=1e-6)
+    q = np.clip(st.tang / (na * nb), 0, 4)
+    ref = [_ref_angle(a[r], b[r]) for r in range(16)]
+    np.testing.assert_allclose(2 * np.arctan2(np.sqrt(q), np.sqrt(4 - q)), ref, rtol=0, atol=1e-5)
+
+
+def test_small_series_do_not_load_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below KERNEL_MIN_PAIRS a series pass never imports numba (its one-time load costs more than it saves);
+    from it on (here: lowered to the series' size) the pass loads and uses the kernel."""
+    pytest.importorskip("numba")
+    from ilr_inspect.measure import _kernel, stream
+
+    calls: list[int] = []
+    pair_sums = _kernel.pair_sums
+    monkeypatch.setattr(_kernel, "pair_sums", lambda b, a: (calls.append(b.shape[0]), pair_sums(b, a))[1])
+    monkeypatch.setattr(stream, "_kernel_mod", None)
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal((8, 50)).astype(np.float32) for _ in range(3)]
+    cks = [_ck(t, {"w": x}) for t, x in enumerate(arrays)]
+    units = [Unit("w", ("w",), "channel", True, "user", "t")]
+    m0 = measure(_Series(cks), units)
+    assert stream._kernel_mod is None and not calls
+    monkeypatch.setattr(stream, "KERNEL_MIN_PAIRS", 2 * 8 * 50)
+    m1 = measure(_Series(cks), units)
+    assert stream._kernel_mod is _kernel and len(calls) == 2
+    ref_angle = [math.sqrt(np.mean([_ref_angle(arrays[t - 1][r], arrays[t][r]) ** 2 for r in range(8)]))
+                 for t in (1, 2)]  # RMS over channels
+    np.testing.assert_allclose(m1.angles["angle"], ref_angle, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(m0.angles["angle"], ref_angle, rtol=0, atol=1e-5)
+    ref = [np.sqrt(np.mean((x.astype(np.float64) ** 2).sum(axis=1))) for x in arrays]  # RMS of channel norms
+    np.testing.assert_allclose(m1.norms["norm"], ref, rtol=1e-6)
+    np.testing.assert_allclose(m0.norms["norm"], ref, rtol=1e-6)
