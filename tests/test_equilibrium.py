@@ -293,6 +293,8 @@ def test_settle_time_and_exponent_on_synthetic_curves() -> None:
     reps = [v * np.exp(np.random.default_rng(i).normal(0, 0.05, 100)) for i, v in enumerate(teq)]
     fit = analysis.fit_exponent(lam, teq, reps)
     assert fit.slope == pytest.approx(1.0) and fit.low < 1.0 < fit.high and fit.arms == 3
+    two = analysis.fit_exponent(lam[:2], teq[:2], reps[:2])  # an exact two-point line is not a measurement
+    assert math.isnan(two.slope) and "three" in two.note
 
 
 def test_norm_relaxation_prediction_is_theory_formula() -> None:

@@ -148,8 +148,11 @@ def equilibrium(
     result = EquilibriumResult("equilibrium", frame, meta, curves=curves_result)
     atomic_write_text(out_dir / "equilibrium.json", serialize(result, "json").decode())
     atomic_write_text(out_dir / "curves.csv", serialize(curves_result, "csv").decode())
-    say(f"results in {out_dir}; exponent {_fmt(fit.slope)} [{_fmt(fit.low)}, {_fmt(fit.high)}] "
-        f"over {fit.arms} equilibrated arm(s)")
+    if math.isfinite(fit.slope):
+        say(f"results in {out_dir}; exponent {_fmt(fit.slope)} [{_fmt(fit.low)}, {_fmt(fit.high)}] "
+            f"over {fit.arms} equilibrated arm(s)")
+    else:
+        say(f"results in {out_dir}; no exponent: {fit.note}")
     return result
 
 

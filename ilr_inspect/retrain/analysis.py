@@ -162,9 +162,10 @@ def fit_exponent(intrinsic_lr: np.ndarray, t_eq: np.ndarray, replicates: list[np
     """Least-squares slope of log t_eq (steps) vs log(1/λ_e) over arms that equilibrated, with a percentile
     interval from refitting on paired bootstrap replicates."""
     ok = np.isfinite(t_eq) & (t_eq > 0)
-    if len(np.unique(intrinsic_lr[ok])) < 2:
+    # Two points always fit a line exactly (no residual, no honest interval): a slope needs three arms.
+    if len(np.unique(intrinsic_lr[ok])) < 3:
         return Exponent(math.nan, math.nan, math.nan, int(ok.sum()),
-                        "fewer than two equilibrated arms with different intrinsic LRs: no fit")
+                        "fewer than three equilibrated arms with different intrinsic LRs: no fit")
     x = np.log(1.0 / intrinsic_lr[ok])
     slope = float(np.polyfit(x, np.log(t_eq[ok]), 1)[0])
     boots = []
