@@ -313,3 +313,32 @@ def test_channel_granularity_functional_matches_rows(probe: torch.Tensor) -> Non
     assert next(u for u in g if "0.weight" in u.members).kind == "group"
     rows = np.arange(8) // 4
     assert rows.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # the row blocks a group unit measures
+
+
+def test_units_from_an_existing_measurement_reads_nothing_again() -> None:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from ilr_inspect.invariance import detect_units, units
+    from ilr_inspect.measure import measure
+    from ilr_inspect.series import open_series
+
+    ckpts = Path(__file__).resolve().parents[1] / "fixtures" / "digits" / "ckpts"
+    with open_series([ckpts], read_logs=False) as series:
+        m = measure(series, detect_units(series.checkpoints[0]), quiet=True)
+        reads = 0
+        for ck in series.checkpoints:  # any further tensor read would be counted
+            original = ck.source.read
+
+            def counting(name: str, _orig=original) -> object:  # type: ignore[no-untyped-def]
+                nonlocal reads
+                reads += 1
+                return _orig(name)
+
+            ck.source.read = counting  # type: ignore[method-assign]
+        shared = units(series, measurement=m).rows
+        assert reads == 0
+    with open_series([ckpts], read_logs=False) as fresh:
+        independent = units(fresh).rows
+    pd.testing.assert_frame_equal(shared, independent)

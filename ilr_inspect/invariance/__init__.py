@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..measure import SeriesLike
+    from ..measure import Measurement, SeriesLike
 
 __all__ = ["Unit", "detect_units", "name_map", "units"]
 
@@ -131,8 +131,12 @@ def units(source: SeriesLike | Sequence[str | Path] | str | Path, *, model: nn.M
           probe: torch.Tensor | None = None, graph: Any = None, granularity: str = "tensor",
           units_file: str | Path | None = None, quiet: bool = True, open_kwargs: dict[str, Any] | None = None,
           settings: dict[str, Any] | None = None, measure_regime: bool = True,
-          param_names: Mapping[str, str] | None = None) -> Result:
-    """The decision table (design.md §4 ``units``): one row per unit with evidence, reason and regime."""
+          param_names: Mapping[str, str] | None = None, measurement: Measurement | None = None) -> Result:
+    """The decision table (design.md §4 ``units``): one row per unit with evidence, reason and regime.
+
+    ``measurement``: a pass already made by :func:`ilr_inspect.measure.measure` (the report's); its units and
+    regimes are used as they are, so nothing is detected or read again.
+    """
     from ..measure import _series, measure
     from .trajectory import cross_check
 
@@ -141,13 +145,16 @@ def units(source: SeriesLike | Sequence[str | Path] | str | Path, *, model: nn.M
         from ..errors import EmptySeriesError
 
         raise EmptySeriesError("no checkpoints in the series", hint="check the path or glob")
-    found = detect_units(series.checkpoints[0], model=model, probe=probe, graph=graph, granularity=granularity,
-                         units_file=units_file, param_names=param_names)
+    m = measurement
+    found = m.units if m is not None else detect_units(
+        series.checkpoints[0], model=model, probe=probe, graph=graph, granularity=granularity,
+        units_file=units_file, param_names=param_names)
     regimes: dict[str, Any] = {}
     checks: dict[str, str] = {}
     warnings: list[str] = []
-    if measure_regime:
+    if m is None and measure_regime:
         m = measure(series, found, granularity=granularity, quiet=quiet)
+    if m is not None:
         regimes = m.regimes
         checks = cross_check(m.norms, m.angles)
         warnings = m.warnings

@@ -194,7 +194,6 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
     """The other commands' tables, from their library functions, reading every checkpoint once: one measurement
     pass gives the norms and angles rows and the regimes the units table reports."""
     from ..invariance import detect_units, units
-    from ..invariance.trajectory import cross_check
     from ..inventory import hparams, ls
     from ..measure import measure
 
@@ -215,14 +214,8 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
     m = measure(series, found, quiet=True)
     tables.norms, tables.angles = m.norms, m.angles
     tables.warnings.extend(w for w in m.warnings if w not in tables.warnings)
-    # The units table without its own measurement pass; regimes come from the pass above.
-    unit_rows = units(series, measure_regime=False, **detect).rows
-    checks = cross_check(m.norms, m.angles)
-    unit_rows["regime"] = [m.regimes[u].regime if u in m.regimes else "undetermined" for u in unit_rows["unit"]]
-    unit_rows["regime_detail"] = [m.regimes[u].detail if u in m.regimes else "not measured"
-                                  for u in unit_rows["unit"]]
-    unit_rows["trajectory_check"] = [checks.get(u, "") for u in unit_rows["unit"]]
-    tables.units = unit_rows
+    # The units table from the same pass: no second detection, no second read.
+    tables.units = units(series, measurement=m).rows
     if len(series) < 2:
         tables.warnings.append("a single checkpoint: no angular updates (they need two checkpoints)")
     if module is not None and probe_data is not None:
