@@ -86,11 +86,12 @@ def read_raw(paths: list[Path]) -> int:
 
 
 def measure_all(paths: list[Path]) -> int:
+    from ilr_inspect.invariance import detect_units
     from ilr_inspect.measure import measure
     from ilr_inspect.series import open_series
 
     with open_series(paths, read_logs=False) as series:
-        m = measure(series)
+        m = measure(series, detect_units(series.checkpoints[0]))
         return len(m.norms) + len(m.angles)
 
 

@@ -1,8 +1,9 @@
 """GPU checks for `equilibrium`, driven by gpu_check.sh (one device call). Writes everything under OUT.
 
 1. graph equivalence: 20 fused steps with and without a whole-step CUDA graph must give the same weights;
-2. a short real sweep on a copy of fixtures/digits outside the repo (4 intrinsic LRs × 2 starts × 8 seeds),
-   interrupted after a few evaluations and resumed (counting that nothing finished is recomputed);
+2. the bundled FEC sweep (fixtures/fec-sweep with the fixtures/digits it reads, copied outside the repo:
+   5 intrinsic LRs × 2 starts × 8 seeds), interrupted after a few evaluations and resumed (counting that nothing
+   finished is recomputed);
 3. the measured exponent and per-arm t_eq are in OUT/sweep.json and OUT/summary.json.
 """
 
@@ -72,10 +73,14 @@ def main() -> None:
         print("graph equivalence:", eq, flush=True)
         use_graph = bool(eq["ok"])
 
-    run = Path("/tmp/ilr-gpu-run")  # a run directory that is not in the repository
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(ROOT / "fixtures" / "digits", run, ignore=shutil.ignore_patterns("tb", "__pycache__"))
-    results = run / "results"
+    # The bundled FEC sweep (fixtures/fec-sweep reads ../digits), copied outside the repository.
+    base = Path("/tmp/ilr-gpu-run")
+    shutil.rmtree(base, ignore_errors=True)
+    for name in ("digits", "fec-sweep"):
+        shutil.copytree(ROOT / "fixtures" / name, base / name,
+                        ignore=shutil.ignore_patterns("tb", "__pycache__", "ilr-results"))
+    run = base / "fec-sweep"
+    results = base / "results"
     seen: list[tuple[str, int]] = []
 
     def stop_early(arm: str, done: int, _total: int) -> None:
@@ -105,9 +110,11 @@ def main() -> None:
     }
     summary["sweep_seconds"] = t2 - t1
     summary["exponent"] = [result.meta["exponent"], result.meta["exponent_low"], result.meta["exponent_high"]]
-    summary["arms"] = result.rows[["arm", "intrinsic_lr", "t_eq_steps", "t_eq_low_steps", "t_eq_high_steps",
-                                   "t_eq_intrinsic", "noise_floor", "t_norm_steps", "t_norm_predicted_steps",
-                                   "test_acc", "status", "fused", "branch_steps_per_s"]].to_dict(orient="records")
+    summary["exponent_note"] = result.meta["exponent_note"]
+    summary["arms"] = result.rows[["arm", "intrinsic_lr", "t_eq_steps", "t_eq_resolution_steps", "t_eq_low_steps",
+                                   "t_eq_high_steps", "t_eq_intrinsic", "noise_floor", "noise_floor_rse",
+                                   "t_norm_steps", "t_norm_predicted_steps", "angle_ratio", "test_acc", "status",
+                                   "fused", "branch_steps_per_s"]].to_dict(orient="records")
     summary["total_seconds"] = time.perf_counter() - t0
     (out / "sweep.json").write_bytes(serialize(result, "json"))
     if result.curves is not None:

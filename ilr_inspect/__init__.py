@@ -4,24 +4,41 @@ The public API is small and imported lazily so that ``import ilr_inspect`` (and 
 free of torch:
 
 - :func:`open_series` / :func:`open_checkpoint` — read a checkpoint series from any supported framework;
+  every function below takes a folder, a glob, a list of paths or an open :class:`Series` (:func:`borrow`), and
+  closes only what it opened;
 - :func:`ls`, :func:`hparams` — what was found, and the hyperparameter timeline;
 - :func:`units`, :func:`norms`, :func:`angles` — scale-invariant units and the core measurements;
 - :func:`distance` — function-space distances between checkpoints;
 - :func:`equilibrium` — retrain from checkpoints and measure time to equilibrium;
 - :func:`report` — the self-contained HTML report.
 
-Each table function returns a :class:`Result` (a pandas DataFrame plus provenance ``meta``).
+Each table function returns a :class:`Result` (a pandas DataFrame plus provenance ``meta``); its columns are
+listed in :mod:`ilr_inspect.schema` and docs/schema.md.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the same names are imported on first use
+    from .checkpoint import Checkpoint, HParams
+    from .formats import OpenOptions, open_checkpoint
+    from .function_space import distance
+    from .invariance import units
+    from .inventory import hparams, ls
+    from .measure import angles, norms
+    from .output import Result
+    from .reporting import report
+    from .retrain import equilibrium
+    from .series import Series, SeriesSource, borrow, open_series
 
 __version__ = "0.1.0"
 
 _API = {
     "open_series": "ilr_inspect.series",
+    "borrow": "ilr_inspect.series",
+    "SeriesSource": "ilr_inspect.series",
     "open_checkpoint": "ilr_inspect.formats",
     "OpenOptions": "ilr_inspect.formats",
     "Series": "ilr_inspect.series",
@@ -38,7 +55,10 @@ _API = {
     "report": "ilr_inspect.reporting",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = [
+    "Checkpoint", "HParams", "OpenOptions", "Result", "Series", "SeriesSource", "__version__", "angles", "borrow",
+    "distance", "equilibrium", "hparams", "ls", "norms", "open_checkpoint", "open_series", "report", "units",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ widened to float32 by the reader).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -123,6 +123,9 @@ class Checkpoint:
     hparams_source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     _infos: dict[str, TensorInfo] | None = field(default=None, repr=False)
+    # Zero-argument loader of the saved optimizer state (measure.step_angle.SavedOptimizerState), or None when
+    # none was saved; readers set it without reading the state, which is converted only when called.
+    optimizer_state: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:

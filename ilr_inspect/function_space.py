@@ -1,8 +1,9 @@
-"""Function-space distances between checkpoints (theory.md §8.2, §13.7).
+"""Function-space distances between checkpoints (docs/theory.md §10).
 
 Each checkpoint's tensors are swapped into one model instance and run over the probe set once; its outputs are
 cached on the CPU in float64 (log-probabilities for classifiers), so any set of pairs over N checkpoints costs N
-probe passes (2N with ``bn_mode="recalibrate"``, whose first pass only re-estimates normalizer statistics).
+probe passes (2N with ``bn_mode="recalibrate"``, whose first pass only re-estimates normalizer statistics;
+the default compares the networks as evaluated, with their saved running statistics).
 Per pair: top-1 disagreement, mean total variation ½Σ|p_a − p_b|, KL both ways, accuracy of each side, and L2 /
 cosine of the raw outputs (the only metrics for non-classification outputs). With replicated runs (several seeds
 per condition) the LLA20 ℓ1 distance between empirical label distributions, with the replica-vs-replica value as
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,17 +38,13 @@ from .models import (
 )
 from .output import Result, provenance
 from .probe import Probe, load_probe
+from .series import SeriesSource, borrow
 
 PairMode = Literal["consecutive", "all", "reference"]
 BnMode = Literal["auto", "recalibrate", "eval", "train"]
 Device = Literal["cpu", "cuda", "mps", "auto"]
 OutputsMode = Literal["auto", "logits", "values"]
 
-class _HasCheckpoints(Protocol):
-    checkpoints: list[Checkpoint]
-
-
-SeriesLike = _HasCheckpoints | Sequence[Checkpoint] | Sequence[str | Path]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -142,9 +139,9 @@ class Evaluator:
             return ("eval" if requested in ("auto", "recalibrate") else requested,
                     "the model has no normalizers with running statistics")
         if requested == "auto":
-            if self.kind == "eager":
-                return "recalibrate", "running statistics re-estimated on the probe set for each checkpoint"
-            return "eval", "TorchScript normalizers cannot be recalibrated; saved running statistics used"
+            # The network as the user evaluates it (eval mode, saved running statistics), so the accuracies
+            # here match the user's own numbers; recalibrate is an explicit choice (see docs/step-angle.md).
+            return "eval", "each checkpoint's saved running statistics (eval mode, as the user evaluates it)"
         if requested == "recalibrate" and self.kind != "eager":
             raise ModelError("--bn-mode recalibrate needs a model built from Python code (TorchScript normalizer "
                              "momentum is a compiled constant)", hint="use --bn-mode eval or train")
@@ -317,17 +314,6 @@ def plan_pairs(n: int, mode: PairMode, ref: int | None) -> list[tuple[int, int]]
     raise UsageError(f"--pairs must be consecutive, all or reference, not {mode!r}")
 
 
-def _checkpoints(series: SeriesLike) -> list[Checkpoint]:
-    if hasattr(series, "checkpoints"):
-        return list(series.checkpoints)
-    items: list[Any] = list(series)
-    if items and all(isinstance(c, Checkpoint) for c in items):
-        return items
-    from .series import open_series
-
-    return list(open_series(items).checkpoints)
-
-
 def _reference_index(ckpts: list[Checkpoint], reference: int | None) -> int:
     if reference is None:
         return len(ckpts) - 1
@@ -383,7 +369,7 @@ class _Progress:
 
 
 def distance(
-    series: SeriesLike,
+    series: SeriesSource,
     model: torch.nn.Module | str,
     probe: Probe | str | Path,
     *,
@@ -395,8 +381,13 @@ def distance(
     replicas: str | None = None,
     outputs: OutputsMode = "auto",
     progress: bool = False,
+    **series_kwargs: Any,
 ) -> Result:
     """Function-space distances between the checkpoints of a series on a fixed probe set.
+
+    ``series``: a folder, glob, list of paths or an open :class:`~ilr_inspect.series.Series`;
+    ``series_kwargs`` (``options``, ``step_regex``, ``on_mismatch``, …) are how paths are opened, as for every
+    other table function (:func:`ilr_inspect.series.borrow`).
 
     ``pairs``: consecutive checkpoints, all pairs i < j, or every checkpoint against ``reference`` (a step; the
     last checkpoint by default). ``replicas``: a regex whose first group names the condition of each checkpoint
@@ -407,7 +398,16 @@ def distance(
     """
     if outputs not in ("auto", "logits", "values"):
         raise UsageError(f"--outputs must be auto, logits or values, not {outputs!r}")
-    ckpts = _checkpoints(series)
+    # Paths are opened (without logs: distances need none) and closed here; an open Series stays open.
+    with borrow(series, **{"read_logs": False, **series_kwargs}) as opened:
+        return _distance(list(opened.checkpoints), model, probe, pairs=pairs, reference=reference,
+                         bn_mode=bn_mode, device=device, batch_size=batch_size, replicas=replicas, outputs=outputs,
+                         progress=progress)
+
+
+def _distance(ckpts: list[Checkpoint], model: torch.nn.Module | str, probe: Probe | str | Path, *, pairs: PairMode,
+              reference: int | None, bn_mode: BnMode, device: Device | str, batch_size: int, replicas: str | None,
+              outputs: OutputsMode, progress: bool) -> Result:
     if not ckpts:
         raise UsageError("no checkpoints to compare")
     base_dir = ckpts[0].path.parent

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .output import Result, provenance
-from .series import Series, open_series
+from .series import Series, SeriesSource, borrow
 
-SeriesLike = Series | Sequence[str | Path] | str | Path
-
-
-def as_series(paths: SeriesLike, **kwargs: Any) -> tuple[Series, bool]:
-    """A Series from paths (opened here, so the caller closes it) or the Series itself."""
-    if isinstance(paths, Series):
-        return paths, False
-    return open_series(paths, **kwargs), True
+SeriesLike = SeriesSource  # kept for callers that imported the old name
 
 
 def _settings(series: Series, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -34,8 +25,7 @@ def _settings(series: Series, extra: dict[str, Any] | None = None) -> dict[str, 
 
 def ls(paths: SeriesLike, **series_kwargs: Any) -> Result:
     """One row per checkpoint: where its step came from, its format, size, and where hyperparameters were found."""
-    series, owned = as_series(paths, **series_kwargs)
-    try:
+    with borrow(paths, **series_kwargs) as series:
         rows = []
         for c in series:
             hp = series.hparams_for(c)
@@ -50,52 +40,92 @@ def ls(paths: SeriesLike, **series_kwargs: Any) -> Result:
                 "hparams_source": ", ".join(sources) if sources else "none",
                 "parameters": len(c.parameters),
                 "epoch": c.metadata.get("epoch"),
+                "aliases": ", ".join(f"{a.path.name} ({a.how})" for a in series.aliases if a.same_as == c.path),
             })
         frame = pd.DataFrame(rows, columns=["step", "step_source", "checkpoint", "format", "tensors", "bytes",
-                                            "hparams_source", "parameters", "epoch"])
-        frame["step"] = frame["step"].astype("Int64")
-        frame["epoch"] = frame["epoch"].astype("Int64")
+                                            "hparams_source", "parameters", "epoch", "aliases"])
+        frame["step"] = whole_or_float(frame["step"])
+        frame["epoch"] = whole_or_float(frame["epoch"])  # HF trainer_state epochs are fractional (0.5)
         meta = provenance([c.path for c in series], _settings(series))
+        meta["axis"] = series.axis
+        meta["aliases"] = [{"path": str(a.path), "same_as": str(a.same_as), "how": a.how} for a in series.aliases]
         if series.logs is not None:
             meta["logs"] = sorted({str(s) for s in series.logs.scalars["source"].unique()}) if len(
                 series.logs.scalars) else []
         return Result("ls", frame, meta)
-    finally:
-        if owned:
-            series.close()
 
 
 HPARAM_COLUMNS = ["step", "checkpoint", "parameter", "lr", "weight_decay", "momentum", "beta2", "optimizer",
-                  "wd_mode", "source", "lr_timing"]
+                  "wd_mode", "source", "lr_timing", "lr_source", "wd_source", "momentum_source"]
+
+
+def whole_or_float(col: pd.Series) -> pd.Series:
+    """A nullable integer column when every value is whole, else float: a missing or fractional value never
+    fails the cast (pandas refuses ``Int64`` for 0.5, and object columns mixing None and numbers)."""
+    values = pd.to_numeric(col, errors="coerce").astype("float64")
+    finite = values.dropna()
+    if bool((finite == finite.round()).all()) and bool((finite.abs() < 2**53).all()):
+        return values.astype("Int64")
+    return values
+
+
+def missing_note(frame: pd.DataFrame) -> str | None:
+    """One note naming the parameters left without an intrinsic LR (lr or weight decay missing, or no way to
+    tell how weight decay is applied) and the flags that supply what is missing."""
+    if frame.empty:
+        return None
+    no_lr = frame["lr"].isna()
+    no_wd = frame["weight_decay"].isna()
+    no_mode = frame["wd_mode"].isna() & frame["weight_decay"].fillna(0).ne(0)
+    bad = no_lr | no_wd | no_mode
+    if not bool(bad.any()):
+        return None
+    params = list(dict.fromkeys(frame.loc[bad, "parameter"].astype(str)))
+    total = frame["parameter"].nunique()
+    ckpts = frame.loc[bad, "checkpoint"].nunique()
+    flags = []
+    if bool(no_lr.any()):
+        flags.append("--lr VALUE (learning rate)")
+    if bool(no_wd.any()):
+        flags.append("--wd VALUE (weight decay)")
+    if bool(no_mode.any()) or bool((no_wd & frame["optimizer"].isna()).any()):
+        flags.append("--optimizer sgd|adam|adamw|lion (how weight decay is applied)")
+    sgd = frame["optimizer"].fillna("").str.lower().str.startswith("sgd")
+    if bool((frame["momentum"].isna() & (sgd | frame["optimizer"].isna()) & bad).any()):
+        flags.append("--momentum VALUE (SGD momentum, 0 if none)")
+    shown = ", ".join(params[:6]) + (f", … ({len(params) - 6} more)" if len(params) > 6 else "")
+    lacking = "/".join(what for what, m in (("lr", no_lr), ("weight decay", no_wd),
+                                             ("how weight decay is applied", no_mode)) if bool(m.any()))
+    return (f"no intrinsic LR for {len(params)} of {total} parameters at {ckpts} checkpoint(s) ({shown}): the "
+            f"files and logs do not give {lacking}; pass " + ", ".join(flags))
 
 
 def hparams(paths: SeriesLike, *, trainable_only: bool = True, **series_kwargs: Any) -> Result:
     """One row per checkpoint × trainable parameter: lr, weight decay, momentum/β1, β2, optimizer family,
     weight-decay mode and the source of the values. ``lr_timing`` says whether ``lr`` is the value for the next
     update (saved optimizer state) or the one used at that step (logs)."""
-    series, owned = as_series(paths, **series_kwargs)
-    try:
+    with borrow(paths, **series_kwargs) as series:
         rows = []
         for c in series:
             for name, hp in series.hparams_for(c).items():
+                src = series.field_sources(c, name, hp)
                 rows.append({
                     "step": c.step, "checkpoint": str(c.path), "parameter": name, "lr": hp.lr,
                     "weight_decay": hp.weight_decay, "momentum": hp.momentum, "beta2": hp.beta2,
                     "optimizer": hp.optimizer, "wd_mode": hp.wd_mode, "source": hp.source,
                     "lr_timing": hp.lr_timing if hp.lr is not None else None,
+                    "lr_source": src["lr"], "wd_source": src["weight_decay"], "momentum_source": src["momentum"],
                 })
         frame = pd.DataFrame(rows, columns=HPARAM_COLUMNS)
-        frame["step"] = frame["step"].astype("Int64")
+        frame["step"] = whole_or_float(frame["step"])
         for col in ("lr", "weight_decay", "momentum", "beta2"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
         meta = provenance([c.path for c in series], _settings(series, {"trainable_only": trainable_only}))
-        if frame["lr"].isna().all() and len(frame):
-            meta.setdefault("notes", []).append(
-                "no learning rate found in the checkpoints or logs: pass --lr/--wd/--momentum/--optimizer")
+        meta["axis"] = series.axis
+        note = missing_note(frame)
+        if note and note not in series.warnings:  # open_series already warned with the same line
+            meta.setdefault("notes", []).append(note)
         return Result("hparams", frame, meta)
-    finally:
-        if owned:
-            series.close()
 
 
 def changes(frame: pd.DataFrame) -> pd.DataFrame:

@@ -14,17 +14,18 @@ import importlib
 import importlib.util
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .checkpoint import Checkpoint
 from .errors import IlrError, ModelError, UsageError, require
+
+if TYPE_CHECKING:  # torch is imported where a model is used: a safetensors series never needs it
+    import torch
 
 # Buffers a model may have that checkpoints often lack (or carry needlessly): never worth an error.
 _IGNORABLE_LEAVES = frozenset({"num_batches_tracked"})
@@ -62,7 +63,7 @@ def _import_file(path: Path, error: type[IlrError] = ModelError) -> Any:
     try:
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code that calls sys.exit is a model error, not our exit
         sys.modules.pop(name, None)
         raise _fail(str(path), exc, "importing", error) from None
     finally:
@@ -104,25 +105,18 @@ def resolve_callable(
     return fn  # type: ignore[no-any-return]
 
 
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return []
-
-
 def is_torchscript(path: Path) -> bool:
-    """A TorchScript archive holds compiled ``code/`` and ``constants.pkl`` (a torch.save zip does not)."""
-    names = _zip_names(path)
-    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+    """A TorchScript archive, as the format registry recognises it (the one detection; see formats/__init__.py)."""
+    from .formats import sniffed
+
+    return sniffed(path) == "torchscript"
 
 
 def is_torch_export(path: Path) -> bool:
-    if path.suffix != ".pt2":
-        return False
-    names = _zip_names(path)
-    return any(n.endswith("archive_format") or "/models/" in n or "/data/weights/" in n for n in names)
+    """A torch.export ``.pt2`` archive, as the format registry recognises it."""
+    from .formats import sniffed
+
+    return sniffed(path) == "torch.export"
 
 
 def _huggingface(folder: Path) -> torch.nn.Module:
@@ -142,6 +136,7 @@ def _huggingface(folder: Path) -> torch.nn.Module:
 
 def build_model(spec: str, *, base_dir: Path | None = None, trust_code: bool = True) -> torch.nn.Module:
     """Build the model a spec names, in eval mode on the CPU (see the module docstring for spec forms)."""
+    import torch
     if spec.startswith(("timm:", "torchvision:")):
         lib, _, name = spec.partition(":")
         if lib == "timm":
@@ -192,12 +187,13 @@ def build_model(spec: str, *, base_dir: Path | None = None, trust_code: bool = T
     factory = resolve_callable(spec, base_dir=base_dir, what="model")
     try:
         module = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit is a model error, not our exit
         raise _fail(spec, exc, "the model factory") from None
     return _checked(module, spec)
 
 
 def _checked(module: Any, spec: str) -> torch.nn.Module:
+    import torch
     if not isinstance(module, torch.nn.Module):
         raise ModelError(
             f"the model spec {spec!r} gave a {type(module).__name__}, not a torch.nn.Module",
@@ -210,6 +206,7 @@ def _checked(module: Any, spec: str) -> torch.nn.Module:
 
 def model_kind(module: torch.nn.Module) -> str:
     """``eager`` (functional_call works and normalizers are visible), ``torchscript`` or ``export``."""
+    import torch
     if isinstance(module, torch.jit.ScriptModule):
         return "torchscript"
     if isinstance(module, torch.fx.GraphModule) and any(
@@ -221,6 +218,7 @@ def model_kind(module: torch.nn.Module) -> str:
 
 def expected_input(module: torch.nn.Module) -> str | None:
     """What input the model wants, as far as it can be read off the model (for probe-shape errors)."""
+    import torch
     if model_kind(module) == "export":
         assert isinstance(module, torch.fx.GraphModule)
         shapes = [tuple(n.meta["val"].shape) for n in module.graph.nodes if n.op == "placeholder" and "val" in n.meta]
@@ -367,6 +365,7 @@ def match_keys(module: torch.nn.Module, checkpoint: Checkpoint) -> LoadReport:
 
 
 def _to_tensor(arr: np.ndarray, like: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    import torch
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.to(device=device or like.device, dtype=like.dtype).reshape(like.shape)
 
@@ -380,6 +379,7 @@ def checkpoint_tensors(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors keyed by the module's state-dict names, in the module's dtypes, for
     ``torch.func.functional_call``. Pass the ``report`` from :func:`match_keys` to skip re-matching."""
+    import torch
     rep = report or match_keys(module, checkpoint)
     state = module.state_dict(keep_vars=True)
     dev = torch.device(device) if device is not None else None
@@ -388,6 +388,7 @@ def checkpoint_tensors(
 
 def load_weights(module: torch.nn.Module, checkpoint: Checkpoint, report: LoadReport | None = None) -> LoadReport:
     """Copy the checkpoint's tensors into the module in place (works for TorchScript too)."""
+    import torch
     rep = report or match_keys(module, checkpoint)
     state = module.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -398,6 +399,7 @@ def load_weights(module: torch.nn.Module, checkpoint: Checkpoint, report: LoadRe
 
 def tensors_from_mapping(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ready tensors into the module in place (the swap used where functional_call is unavailable)."""
+    import torch
     state = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, t in tensors.items():

@@ -1,4 +1,4 @@
-"""Map a saved torch optimizer ``state_dict`` to per-parameter hyperparameters (formats.md §2.3).
+"""Map a saved torch optimizer ``state_dict`` to per-parameter hyperparameters (docs/formats.md).
 
 A torch optimizer state dict refers to parameters by integer IDs assigned in construction order; names are saved
 only when the optimizer was built from ``named_parameters()`` (``param_names``) or by DCP/FQN-keyed helpers
@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,22 +187,94 @@ def _scopes(names: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def hparams_from_optimizer_state(
+@dataclass(frozen=True)
+class GroupMapping:
+    """Which saved optimizer entries belong to which parameters, as far as the files decide it.
+
+    ``hparams`` holds every parameter with at least one determined field (fields the files leave open are None);
+    ``pid_names`` every saved parameter id whose parameter is determined; ``undetermined`` the held parameters whose
+    candidate groups disagree on some field (name → candidate groups); ``note`` says what is ambiguous and which
+    flag resolves it (None when everything is determined).
+    """
+
+    hparams: dict[str, HParams]
+    pid_names: dict[Any, str]
+    undetermined: dict[str, list[int]] = field(default_factory=dict)
+    method: str = ""
+    note: str | None = None
+
+
+def _differing(per_group: Sequence[HParams], gis: Sequence[int]) -> list[str]:
+    return [f for f in ("lr", "weight_decay", "momentum", "beta2", "optimizer")
+            if len({getattr(per_group[g], f) for g in gis}) > 1]
+
+
+_FLAGS = {"lr": "--lr", "weight_decay": "--wd", "momentum": "--momentum", "beta2": "--momentum",
+          "optimizer": "--optimizer"}
+
+
+def _shape_solve(
+    groups: Sequence[Mapping[str, Any]], state: Mapping[Any, Any], scope: Sequence[str], shapes: Mapping[str, Shape]
+) -> tuple[dict[str, list[int]], dict[Any, str]] | str:
+    """Every group each parameter can sit in, over all assignments the saved state shapes allow.
+
+    Sound without any construction assumption: a group holding ``c`` entries whose momentum/moment state has
+    shape ``s`` holds exactly ``c`` parameters of shape ``s``; entries without shaped state (no step taken, SGD
+    without momentum) can hold any leftover parameter. Returns (name → candidate groups, determined pid → name),
+    or why no assignment fits.
+    """
+    counts: list[Counter[Shape]] = []
+    wild: list[int] = []
+    pid_shape: dict[Any, tuple[int, Shape]] = {}
+    for gi, g in enumerate(groups):
+        c: Counter[Shape] = Counter()
+        w = 0
+        for pid in g["params"]:
+            st = _state_shapes(state, pid)
+            if st:
+                c[st[0]] += 1
+                pid_shape[pid] = (gi, st[0])
+            else:
+                w += 1
+        counts.append(c)
+        wild.append(w)
+    have = Counter(shapes[n] for n in scope)
+    left: dict[Shape, int] = {}
+    for s in set(have) | {s for c in counts for s in c}:
+        used = sum(c[s] for c in counts)
+        if used > have[s]:
+            return f"the state holds {used} entries of shape {s}, the parameters {have[s]}"
+        left[s] = have[s] - used
+    if sum(left.values()) != sum(wild):
+        return (f"{sum(left.values())} parameters have no matching state entry but {sum(wild)} entries lack shaped "
+                "state")
+    cand = {n: sorted({gi for gi, c in enumerate(counts) if c[shapes[n]]}
+                      | ({gi for gi, w in enumerate(wild) if w} if left[shapes[n]] else set())) for n in scope}
+    pid_names: dict[Any, str] = {}
+    for pid, (gi, s) in pid_shape.items():
+        fits_here = [n for n in scope if shapes[n] == s and gi in cand[n]]
+        if len(fits_here) == 1:
+            pid_names[pid] = fits_here[0]
+    return cand, pid_names
+
+
+def map_optimizer_groups(
     opt_sd: Mapping[str, Any],
     param_names: list[str],
     shapes: Mapping[str, Shape],
     *,
-    source: str,
+    source: str = "optimizer",
     recipe: str = "auto",
     names_ordered: bool = True,
     path: Path | None = None,
-) -> dict[str, HParams]:
-    """Per-parameter hyperparameters from an optimizer state dict.
+) -> GroupMapping:
+    """Map saved optimizer groups to parameters: saved names, else a replayed construction recipe, else shapes.
 
     ``param_names`` are the checkpoint's trainable parameters in state-dict order (the order
     ``named_parameters()`` yields them). ``names_ordered=False`` says that order is unknown (safetensors sort
     their keys): group membership is then only accepted from name-based recipes and validated by the multiset
-    of state shapes. ``recipe`` is ``auto`` or one of ``names``, ``order``, ``hf``, ``ndim``, ``timm``.
+    of state shapes. ``recipe`` is ``auto`` or one of ``names``, ``order``, ``hf``, ``ndim``, ``timm``,
+    ``shapes``. Raises HParamsError when no parameter's hyperparameters are determined.
     """
     groups = opt_sd.get("param_groups")
     state = opt_sd.get("state") or {}
@@ -213,6 +286,12 @@ def hparams_from_optimizer_state(
     def build(assign: list[list[str]]) -> dict[str, HParams]:
         got = {n: per_group[gi] for gi, members in enumerate(assign) for n in members}
         return {n: got[n] for n in param_names if n in got}
+
+    def pids_of(assign: list[list[str]], ordered: bool) -> dict[Any, str]:
+        if not ordered:
+            return {}
+        return {pid: n for gi, members in enumerate(assign) for n, pid in zip(members, groups[gi]["params"],
+                                                                              strict=True)}
 
     def fits(assign: list[list[str]], ordered: bool) -> str | None:
         """None when ``assign`` agrees with the saved state, else why not."""
@@ -250,7 +329,7 @@ def hparams_from_optimizer_state(
             why = fits(assign, True)
             if why:
                 raise HParamsError(f"{source}: {kind} disagree with the optimizer state ({why})", hint=_HINT, path=path)
-            return build(assign)
+            return GroupMapping(build(assign), pids_of(assign, True), method=kind)
 
     # 2. Replay construction recipes and keep those the saved sizes and shapes accept.
     recipes: list[tuple[str, Recipe]] = []
@@ -258,7 +337,7 @@ def hparams_from_optimizer_state(
         recipes.append(("order", lambda s, sh, n: _order(s, sh, n, sizes)))
     recipes += [("hf", _hf), ("ndim", _ndim_decay_first), ("timm", _ndim_timm)]
     recipes = [(r, f) for r, f in recipes if recipe in ("auto", r)]
-    valid: dict[tuple[tuple[str, ...], ...], str] = {}
+    valid: dict[tuple[tuple[str, ...], ...], tuple[str, list[list[str]]]] = {}
     tried: list[str] = []
     for scope_label, scope in _scopes(param_names):
         for rname, fn in recipes:
@@ -275,18 +354,115 @@ def hparams_from_optimizer_state(
                     why = f"its no-decay group {nd} has weight_decay {wd}"
             tried.append(f"{rname} over {scope_label}: {why or 'fits'}")
             if why is None:
-                valid.setdefault(tuple(tuple(sorted(m)) for m in cand), f"{rname} over {scope_label}")
+                valid.setdefault(tuple(tuple(sorted(m)) for m in cand), (f"{rname} over {scope_label}", cand))
     built = [build([list(m) for m in assign_t]) for assign_t in valid]
     if built and all(b == built[0] for b in built[1:]):
-        return built[0]  # one fit, or several that give every parameter the same hyperparameters
+        # One fit, or several that give every parameter the same hyperparameters.
+        maps = [pids_of(c, names_ordered) for _, c in valid.values()]
+        agreed = {pid: n for pid, n in maps[0].items() if all(m.get(pid) == n for m in maps[1:])}
+        return GroupMapping(built[0], agreed, method=", ".join(label for label, _ in valid.values()))
+
+    # 3. No single recipe decides it: keep what every assignment consistent with the state shapes agrees on.
+    solved: list[tuple[str, dict[str, list[int]], dict[Any, str]]] = []
+    if recipe in ("auto", "shapes"):
+        for scope_label, scope in _scopes(param_names):
+            if len(scope) != sum(sizes):
+                continue
+            got = _shape_solve(groups, state, scope, shapes)
+            if isinstance(got, str):
+                tried.append(f"state shapes over {scope_label}: {got}")
+            else:
+                solved.append((scope_label, *got))
     detail = "; ".join(tried[:8]) + (f"; … {len(tried) - 8} more" if len(tried) > 8 else "")
-    if not valid:
+    if len(solved) != 1:
+        if not valid:
+            raise HParamsError(
+                f"{source}: cannot tell which parameters belong to which optimizer group "
+                f"({len(groups)} groups of sizes {sizes}, {len(param_names)} trainable parameters; tried {detail})",
+                hint=_HINT, path=path,
+            )
         raise HParamsError(
-            f"{source}: cannot tell which parameters belong to which optimizer group "
-            f"({len(groups)} groups of sizes {sizes}, {len(param_names)} trainable parameters; tried {detail})",
+            f"{source}: optimizer groups are ambiguous — several construction recipes fit: "
+            + ", ".join(label for label, _ in valid.values()),
             hint=_HINT, path=path,
         )
-    raise HParamsError(
-        f"{source}: optimizer groups are ambiguous — several construction recipes fit: {', '.join(valid.values())}",
-        hint=_HINT, path=path,
-    )
+    scope_label, where, pid_names = solved[0]
+    hp: dict[str, HParams] = {}
+    undetermined: dict[str, list[int]] = {}
+    for n in param_names:
+        gis = where.get(n)
+        if not gis:
+            continue
+        diff = _differing(per_group, gis)
+        if diff:
+            undetermined[n] = gis
+        # Each field every candidate group agrees on is known; the others stay empty (never one group's guess).
+        blank: dict[str, Any] = dict.fromkeys(diff)
+        known = replace(per_group[gis[0]], **blank)
+        if any(getattr(known, f) is not None for f in ("lr", "weight_decay", "momentum")):
+            hp[n] = known
+    if not hp:
+        raise HParamsError(
+            f"{source}: optimizer groups are ambiguous — no parameter's group is decided by the saved state shapes "
+            f"({len(groups)} groups of sizes {sizes}; tried {detail})",
+            hint=_HINT, path=path,
+        )
+    note = _ambiguity_note(per_group, undetermined, shapes, len(where) - len(undetermined)) if undetermined else None
+    return GroupMapping(hp, pid_names, undetermined, method=f"state shapes over {scope_label}", note=note)
+
+
+def _ambiguity_note(per_group: Sequence[HParams], undetermined: Mapping[str, list[int]],
+                    shapes: Mapping[str, Shape], n_known: int) -> str:
+    """What the state shapes leave open: per class, the parameters, their candidate groups and the fields that
+    differ between those groups, and the flags that set those fields."""
+    classes: dict[tuple[Shape, tuple[int, ...]], list[str]] = {}
+    for n, gis in undetermined.items():
+        classes.setdefault((shapes[n], tuple(gis)), []).append(n)
+    parts = []
+    fields: set[str] = set()
+    for (shape, gtuple), names in classes.items():
+        gis = list(gtuple)
+        diff = _differing(per_group, gis)
+        fields.update(diff)
+        groups_txt = ", ".join(
+            f"{g} (" + ", ".join(f"{f} {getattr(per_group[g], f)}" for f in diff) + ")" for g in gis)
+        shown = ", ".join(names[:4]) + (f", … {len(names) - 4} more" if len(names) > 4 else "")
+        parts.append(f"{shown} (shape {list(shape)}) could each be in group {groups_txt}")
+    flags = sorted({_FLAGS[f] for f in fields})
+    return (f"optimizer groups decided by the saved state shapes for {n_known} parameters; for "
+            f"{len(undetermined)} the shapes leave {'/'.join(sorted(fields))} open (other fields are known): "
+            + "; ".join(parts)
+            + f". Resolve with {'/'.join(flags)} (sets every parameter), or save the optimizer built from "
+            "model.named_parameters() so torch stores param_names")
+
+
+def resolve_param_ids(
+    opt_sd: Mapping[str, Any],
+    param_names: list[str],
+    shapes: Mapping[str, Shape],
+    *,
+    recipe: str = "auto",
+    names_ordered: bool = True,
+    path: Path | None = None,
+) -> dict[Any, str]:
+    """Saved optimizer parameter id → parameter name, only where the files determine it (see map_optimizer_groups).
+
+    Raises HParamsError when nothing about the groups can be determined.
+    """
+    return map_optimizer_groups(opt_sd, param_names, shapes, recipe=recipe, names_ordered=names_ordered,
+                                path=path).pid_names
+
+
+def hparams_from_optimizer_state(
+    opt_sd: Mapping[str, Any],
+    param_names: list[str],
+    shapes: Mapping[str, Shape],
+    *,
+    source: str,
+    recipe: str = "auto",
+    names_ordered: bool = True,
+    path: Path | None = None,
+) -> dict[str, HParams]:
+    """Per-parameter hyperparameters from an optimizer state dict: the determined part of map_optimizer_groups."""
+    return map_optimizer_groups(opt_sd, param_names, shapes, source=source, recipe=recipe,
+                                names_ordered=names_ordered, path=path).hparams

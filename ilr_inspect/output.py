@@ -109,15 +109,27 @@ def _jsonable(value: Any) -> Any:
 
 
 def to_json_obj(result: Result) -> dict[str, Any]:
+    from .schema import describe
+
     rows = [{k: _jsonable(v) for k, v in r.items()} for r in result.rows.to_dict(orient="records")]
-    return {"schema": result.schema, "meta": _jsonable(result.meta), "rows": rows}
+    # ``columns``: name, type, unit and meaning of each column, from ilr_inspect/schema.py (docs/schema.md).
+    return {"schema": result.schema, "columns": describe(result.kind, [str(c) for c in result.rows.columns]),
+            "meta": _jsonable(result.meta), "rows": rows}
 
 
 def atomic_write(path: Path, writer: Callable[[IO[bytes]], object]) -> None:
     """Write through a temporary file in the same folder, then rename over the target."""
+    from .errors import InputError, UsageError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise UsageError("is a folder; the output needs a file name", hint="pass -o FOLDER/name.ext", path=path)
+    try:  # an unwritable or missing folder is a problem with the output path, not a bug
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write the output here ({exc.strerror or exc})",
+                         hint="choose a writable folder for -o", path=path) from exc
     umask = os.umask(0)
     os.umask(umask)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ProbeError, require
+from .errors import IlrError, ProbeError, require
 
 INPUT_KEYS = ("x", "inputs", "input", "X", "data", "images", "pixel_values", "input_ids", "features")
 LABEL_KEYS = ("y", "labels", "label", "targets", "target", "Y")
@@ -114,15 +114,31 @@ def _from_object(obj: Any, path: str, name: str) -> Probe:
 
 
 def _from_npz(path: Path) -> Probe:
+    from .safety import check_zip_member, regular_file
+
+    if not regular_file(path):
+        raise ProbeError("not a regular file", hint="point at a .npz file", path=path)
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ProbeError("not an .npz archive (a single .npy array)", path=path)
+            for info in z.zip.infolist():  # declared sizes and ratios checked before inflating (zip bombs)
+                check_zip_member(info, max_bytes=4 * 1024 * 1024 * 1024, path=path)
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ProbeError(f"cannot read the .npz probe: {exc}", path=path) from None
+    except IlrError:
+        raise
+    except Exception as exc:  # OSError/ValueError/BadZipFile/EOFError/zlib.error on a damaged archive
+        first = str(exc).strip().splitlines()
+        raise ProbeError(f"cannot read the .npz probe: {(first[0] if first else type(exc).__name__)[:160]}",
+                         path=path) from None
     return _from_mapping(arrays, str(path), path.name)
 
 
 def _from_pt(path: Path) -> Probe:
+    from .safety import regular_file
+
+    if not regular_file(path):
+        raise ProbeError("not a regular file", hint="point at a .pt file", path=path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -132,6 +148,9 @@ def _from_pt(path: Path) -> Probe:
             path=path,
         ) from None
     return _from_object(obj, str(path), path.name)
+
+
+MAX_PROBE_PIXELS = 256 * 1024 * 1024  # all probe images together (docs/security.md)
 
 
 def _from_images(folder: Path) -> Probe:
@@ -145,10 +164,28 @@ def _from_images(folder: Path) -> Probe:
         entries = [(f, None) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not entries:
         raise ProbeError("no images found (png, jpg, …) in this folder or its class subfolders", path=folder)
+    from .safety import check_pixels, regular_file
+
     images = []
+    total = 0
     for f, _ in entries:
-        with image_mod.open(f) as im:
-            images.append(im.copy())
+        if not regular_file(f):
+            raise ProbeError("not a regular file", hint="remove it from the probe folder", path=f)
+        try:
+            with image_mod.open(f) as im:
+                # The header's size is checked before any pixel is decoded (decompression bombs).
+                check_pixels(*im.size, path=f)
+                total += im.size[0] * im.size[1]
+                if total > MAX_PROBE_PIXELS:
+                    raise ProbeError(f"the images hold more than {MAX_PROBE_PIXELS} pixels in all",
+                                     hint="use fewer or smaller probe images", path=folder)
+                images.append(im.copy())
+        except IlrError:
+            raise
+        except Exception as exc:  # PIL raises UnidentifiedImageError/OSError/ValueError/SyntaxError on damage
+            first = str(exc).strip().splitlines()
+            raise ProbeError(f"cannot read the image ({(first[0] if first else type(exc).__name__)[:160]})",
+                             hint="remove or re-save it", path=f) from None
     gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
     arrays = [np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0 for im in images]
     sizes = sorted({a.shape[:2] for a in arrays})
@@ -187,7 +224,7 @@ def load_probe(spec: str | Path, *, base_dir: Path | None = None) -> Probe:
     fn = resolve_callable(text, base_dir=base_dir, what="probe", error=ProbeError)
     try:
         obj = fn()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that calls sys.exit is a probe error, not our exit
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ProbeError(f"the probe factory {text!r} failed: {type(exc).__name__}{': ' + msg if msg else ''}",
                          hint="run the factory directly in Python to see the traceback") from None

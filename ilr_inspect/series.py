@@ -4,15 +4,19 @@ hyperparameter timeline from optimizer state, logs, sidecar files and command-li
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .checkpoint import Checkpoint, HParams
 from .errors import ArchitectureMismatchError, EmptySeriesError, IlrError, InputError, UsageError
 from .formats import REGISTRY, OpenOptions, detect, load_format
+from .layout import Alias, find_aliases, same_bytes
+from .safety import regular_file
 
 if TYPE_CHECKING:
     from .logs import LogData
@@ -24,8 +28,18 @@ CHECKPOINT_SUFFIXES = frozenset(
 # Files that live next to checkpoints but are never checkpoints themselves.
 _NOT_CHECKPOINTS = frozenset(
     {"optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin", "probe.npz",
-     "train.npz", "test.npz", "data.npz", "model.pt2", "model.ts"}
+     "train.npz", "test.npz", "data.npz", "model.pt2", "model.ts",
+     # Accelerate save_state companions, timm's in-progress save
+     "optimizer.bin", "scheduler.bin", "scaler.bin", "sampler.bin", "tmp.pth.tar"}
 )
+# Numbered companions: rng_state_0.pth (multi-GPU Trainer), optimizer_1.bin / scheduler_1.bin / sampler_1.bin
+# (Accelerate with several of each).
+_NOT_CHECKPOINT_RE = re.compile(r"^(rng_state|optimizer|scheduler|scaler|sampler|random_states)_\d+\.(pth?|bin|pkl)$")
+
+
+def is_companion(name: str) -> bool:
+    """A file that sits next to checkpoints (optimizer, scheduler, RNG state...) but is not a checkpoint."""
+    return name in _NOT_CHECKPOINTS or bool(_NOT_CHECKPOINT_RE.match(name))
 _FOLDER_FORMATS = ("hf_folder", "dcp", "orbax")
 
 # Step patterns, most specific first; each has one group: the step.
@@ -45,6 +59,11 @@ def natural_key(text: str) -> tuple[Any, ...]:
 
 
 def step_from_name(path: Path, step_regex: str | None = None) -> int | None:
+    return _named_number(path, step_regex)[0]
+
+
+def _named_number(path: Path, step_regex: str | None = None) -> tuple[int | None, str | None]:
+    """The number in a checkpoint's name and the pattern that found it (``regex``, ``lightning``, ``hf``...)."""
     stem = path.name
     while True:  # strip compound suffixes such as .pth.tar
         suffix = next((s for s in sorted(CHECKPOINT_SUFFIXES, key=len, reverse=True) if stem.endswith(s)), None)
@@ -53,12 +72,12 @@ def step_from_name(path: Path, step_regex: str | None = None) -> int | None:
         stem = stem[: -len(suffix)]
     if step_regex:
         m = re.search(step_regex, path.name)
-        return int(m.group(1)) if m else None
-    for _name, pattern in _STEP_PATTERNS:
+        return (int(m.group(1)), "regex") if m else (None, None)
+    for name, pattern in _STEP_PATTERNS:
         m = pattern.search(stem)
         if m:
-            return int(m.group(1))
-    return None
+            return int(m.group(1)), name
+    return None, None
 
 
 def epoch_from_name(path: Path) -> int | None:
@@ -73,7 +92,7 @@ def _is_checkpoint_folder(path: Path) -> bool:
 def _children(folder: Path) -> tuple[list[Path], list[Path]]:
     subdirs, files = [], []
     for child in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
-        if child.name.startswith(".") or child.name in _NOT_CHECKPOINTS:
+        if child.name.startswith(".") or is_companion(child.name):
             continue
         if child.is_dir():
             if _is_checkpoint_folder(child):
@@ -85,30 +104,65 @@ def _children(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     """Directories, globs and explicit paths → candidate checkpoint files/folders (unordered duplicates removed)."""
+    return _expand(paths)[0]
+
+
+def _nested(top: Path, max_depth: int = 4) -> list[Path]:
+    """Checkpoint folders and files up to ``max_depth`` levels below ``top`` (a checkpoint folder is not entered:
+    Accelerate's ``checkpoints/checkpoint_0/``, Lightning's ``lightning_logs/version_0/checkpoints/*.ckpt``)."""
+    found: list[Path] = []
+    base = len(top.parts)
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        depth = len(here.parts) - base
+        keep = []
+        for d in sorted(dirnames, key=natural_key):
+            sub = here / d
+            if d.startswith("."):
+                continue
+            if _is_checkpoint_folder(sub):
+                found.append(sub)
+            elif depth + 1 < max_depth:
+                keep.append(d)
+        dirnames[:] = keep
+        found += [here / f for f in sorted(filenames, key=natural_key)
+                  if Path(f).suffix.lower() in CHECKPOINT_SUFFIXES and not is_companion(f) and not f.startswith(".")]
+    return sorted(found, key=lambda q: natural_key(str(q)))
+
+
+def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Candidate checkpoints, and output folders whose top level holds a final save beside checkpoint folders."""
+    from .layout import is_output_dir, weight_files
+
     out: list[Path] = []
+    finals: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists() and any(ch in str(raw) for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(str(raw), recursive=True), key=natural_key)]
             if not matches:
                 raise EmptySeriesError(f"the pattern {raw!r} matches nothing", hint="check the glob (quote it)")
-            out.extend(m for m in matches if m.is_dir() or m.suffix.lower() in CHECKPOINT_SUFFIXES or m.is_file())
+            out.extend(m for m in matches if m.is_dir() or (m.is_file() and not is_companion(m.name)))
             continue
         if not p.exists():
             raise InputError("no such file or folder", hint="check the path", path=p)
-        if p.is_file():
+        if not p.is_dir():  # a file, or a FIFO/device (skipped with a warning in open_series)
             out.append(p)
             continue
         subdirs, files = _children(p)
+        if subdirs and is_output_dir(p, subdirs):
+            # HF Trainer output_dir after save_model(): the top-level weights are the final save, not a series
+            # point of their own (resolved against the checkpoints in open_series).
+            finals.append(p)
+            top = set(weight_files(p))
+            files = [f for f in files if f not in top]
         if subdirs or files:
             out.extend(subdirs + files)
         elif _is_checkpoint_folder(p):
             out.append(p)
         else:
-            # Common layouts put checkpoints one or two levels down (lightning_logs/version_0/checkpoints/).
-            nested = [q for q in sorted(p.rglob("*"), key=lambda q: natural_key(str(q)))
-                      if q.is_file() and q.suffix.lower() in CHECKPOINT_SUFFIXES and q.name not in _NOT_CHECKPOINTS
-                      and len(q.relative_to(p).parts) <= 4 and not any(s.startswith(".") for s in q.parts)]
+            # Common layouts put checkpoints a few levels down (lightning_logs/version_0/checkpoints/).
+            nested = _nested(p)
             if not nested:
                 raise EmptySeriesError(
                     "no checkpoint files or folders found here",
@@ -116,14 +170,16 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
                     path=p,
                 )
             out.extend(nested)
-    seen: set[Path] = set()
+    # The same path given twice is dropped here; other names of one checkpoint (symlinks, hard links, copies)
+    # are reported as aliases by open_series.
+    seen: set[str] = set()
     unique = []
     for q in out:
-        r = q.resolve()
+        r = os.path.normpath(os.path.abspath(q))
         if r not in seen:
             seen.add(r)
             unique.append(q)
-    return unique
+    return unique, finals
 
 
 def _signature(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -154,6 +210,10 @@ class Series:
     logs: LogData | None = None
     overrides: HParams | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Other names of listed checkpoints (symlinks, hard links, copies, a final save): reported, not counted.
+    aliases: list[Alias] = field(default_factory=list)
+    # "step", or "epoch" when no checkpoint stores a step and the series is ordered by the epochs the files store.
+    axis: Literal["step", "epoch"] = "step"
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -190,6 +250,35 @@ class Series:
             out[name] = hp
         return out
 
+    def field_sources(self, ckpt: Checkpoint, name: str, hp: HParams) -> dict[str, str]:
+        """Where each of lr / weight_decay / momentum in ``hp`` (parameter ``name``'s value of :meth:`hparams_for`)
+        came from: ``cli``, the checkpoint's own source (``optimizer``, ``safetensors:metadata``...),
+        ``log:<file>`` or ``sidecar:<file>``; empty when missing. Precedence as in :meth:`hparams_for`."""
+        parts = [p for p in hp.source.split("+") if p not in ("none", "unknown")]
+        stored = ckpt.hparams.get(name)
+        own = [p for p in parts if not p.startswith(("log:", "sidecar:")) and p != "cli"]
+        out: dict[str, str] = {}
+        for fld in HP_FIELDS:
+            value = getattr(hp, fld)
+            if value is None:
+                out[fld] = ""
+            elif self.overrides is not None and getattr(self.overrides, fld) is not None:
+                out[fld] = "cli"
+            elif stored is not None and getattr(stored, fld) is not None and own:
+                # A reader that combines files (Orbax, Keras weights + .keras) names each field's own source.
+                per_field = ckpt.metadata.get("hparam_sources")
+                got = per_field.get(fld) if isinstance(per_field, dict) else None
+                out[fld] = str(got) if got else "+".join(own)
+            else:
+                const = self.logs.constant_sources.get(fld) if self.logs is not None else None
+                if const is not None and self.logs is not None and f"sidecar:{const}" in parts and _close(
+                        self.logs.constants.get(fld), value):
+                    out[fld] = f"sidecar:{const}"
+                else:
+                    logs = [p for p in parts if p.startswith("log:")]
+                    out[fld] = "+".join(logs or parts)
+        return out
+
     def close(self) -> None:
         for c in self.checkpoints:
             c.close()
@@ -199,6 +288,16 @@ class Series:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+HP_FIELDS = ("lr", "weight_decay", "momentum")
+
+
+def _close(a: Any, b: float) -> bool:
+    try:
+        return a is not None and abs(float(a) - b) <= 1e-12 * max(1.0, abs(b))
+    except (TypeError, ValueError):
+        return False
 
 
 def _informative(hp: HParams) -> HParams | None:
@@ -245,40 +344,145 @@ def open_series(
     arg = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not arg:
         raise EmptySeriesError("no paths given", hint="pass a checkpoint folder, a glob, or files")
-    candidates = expand_paths(arg)
+    found, finals = _expand(arg)
+    # FIFOs, devices, sockets, broken links and symlink loops named like checkpoints: reading one would block
+    # or fail, so it is skipped with a warning (docs/security.md).
+    specials = [p for p in found if not p.is_dir() and not regular_file(p)]
+    found = [p for p in found if p not in specials]
+    if not found and specials:
+        raise EmptySeriesError("not a regular file (FIFO, device, socket, broken link or symlink loop)",
+                               hint="point at real checkpoint files", path=specials[0])
+    candidates, aliases = find_aliases(found)
     ckpts: list[Checkpoint] = []
     try:
         for path in candidates:
             if progress is not None:
                 progress(path)
-            fmt = detect(path)
-            ckpt = fmt.open(path, opts)
-            if ckpt.step is None or step_regex is not None:
-                named = step_from_name(path, step_regex)
-                if named is not None:
-                    ckpt.step, ckpt.step_source = named, "name"
-            epoch = epoch_from_name(path)
-            if epoch is not None:
-                ckpt.metadata.setdefault("epoch", epoch)
-            ckpts.append(ckpt)
+            ckpts.append(_open_one(path, opts, step_regex))
     except IlrError:
         for c in ckpts:
             c.close()
         raise
-    series = Series(ckpts, root=_common_root(candidates), overrides=overrides)
+    series = Series(ckpts, root=_common_root(candidates), overrides=overrides, aliases=aliases)
+    series.warnings += [f"{p}: skipped, not a regular file (FIFO, device, socket, broken link or symlink loop)"
+                        for p in specials]
+    for a in aliases:
+        series.warnings.append(f"{a.path}: {a.describe()}")
     for c in ckpts:
         series.warnings.extend(f"{c.path}: {w}" for w in c.metadata.get("warnings", []))
         if c.metadata.get("hparams_error"):
-            series.warnings.append(f"{c.path}: hyperparameters not read: {c.metadata['hparams_error']}")
+            how = "partly read" if c.hparams else "not read"  # a partial optimizer-group mapping keeps what is known
+            series.warnings.append(f"{c.path}: hyperparameters {how}: {c.metadata['hparams_error']}")
     _order(series)
+    for folder in finals:
+        _add_final_save(series, folder, opts)
     _check_architecture(series, on_mismatch)
     if read_logs and series.root is not None:
         series.logs = _load_logs(series.root, series.warnings)
+        if series.logs is not None and not series.logs.epoch_scalars.empty:
+            _map_epoch_logs(series)
+    note = missing_hparams_note(series)
+    if note:
+        series.warnings.append(note)
     return series
+
+
+def missing_hparams_note(series: Series) -> str | None:
+    """One line naming the parameters (and so the units holding them) left without an intrinsic LR, and the
+    flags that supply what the files and logs lack; None when nothing is missing."""
+    import pandas as pd
+
+    from .inventory import missing_note
+
+    rows = [{"checkpoint": str(c.path), "parameter": n, "lr": h.lr, "weight_decay": h.weight_decay,
+             "momentum": h.momentum, "optimizer": h.optimizer, "wd_mode": h.wd_mode}
+            for c in series.checkpoints for n, h in series.hparams_for(c).items()]
+    return missing_note(pd.DataFrame(rows)) if rows else None
+
+
+def _map_epoch_logs(series: Series) -> None:
+    """Epoch-indexed logs (Keras CSVLogger) join the step axis only when the checkpoints give steps per epoch."""
+    from .logs import map_epochs, steps_per_epoch
+
+    assert series.logs is not None
+    sources = sorted(set(series.logs.epoch_scalars["source"]))
+    per_epoch = steps_per_epoch((c.step, c.metadata.get("epoch")) for c in series.checkpoints)
+    if per_epoch is None:
+        series.warnings.append(f"{', '.join(sources)}: logged by epoch, and no checkpoint gives both its step and its "
+                               "epoch, so the steps per epoch are unknown: not used")
+        return
+    map_epochs(series.logs, per_epoch)
+    series.warnings.append(f"{', '.join(sources)}: logged by epoch; mapped to steps at {per_epoch} steps per epoch "
+                           "(from the checkpoints' steps and epochs)")
+
+
+def _open_one(path: Path, opts: OpenOptions, step_regex: str | None) -> Checkpoint:
+    ckpt = detect(path).open(path, opts)
+    if ckpt.step is None or step_regex is not None:
+        named, pattern = _named_number(path, step_regex)
+        stored_epoch = ckpt.metadata.get("epoch")
+        if named is not None and pattern in ("hf", "bare-number") and _is_int(stored_epoch) and int(
+                float(stored_epoch or 0)) == named:
+            # timm's checkpoint-N.pth.tar: N is the epoch the file also stores, not a step; never a step.
+            ckpt.metadata["name_is_epoch"] = True
+        elif named is not None:
+            ckpt.step, ckpt.step_source = named, "name"
+    epoch = epoch_from_name(path)
+    if epoch is not None:
+        ckpt.metadata.setdefault("epoch", epoch)
+    return ckpt
+
+
+def _is_int(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+
+
+def _add_final_save(series: Series, folder: Path, opts: OpenOptions) -> None:
+    """Place the final save at the top of a training output folder (HF ``trainer.save_model()``): the same
+    checkpoint as a listed one when the weights are byte-identical; its own point when its ``trainer_state.json``
+    gives a step no checkpoint has; otherwise left out with a warning (its step is unknown)."""
+    label = f"{folder}: the top-level model files are the final save (e.g. trainer.save_model()), not a checkpoint-N"
+    for c in series.checkpoints:
+        if c.path.is_dir() and same_bytes(folder, c.path):
+            step = f" at step {c.step}" if c.step is not None else ""
+            series.aliases.append(Alias(folder, c.path, "final save, identical weights"))
+            series.warnings.append(f"{label}; identical to {c.path.name}{step}: counted once")
+            return
+    try:
+        final = detect(folder).open(folder, opts)
+    except IlrError as exc:
+        series.warnings.append(f"{label}; not read: {exc.render()}")
+        return
+    steps = {c.step for c in series.checkpoints}
+    if final.step is not None and final.step not in steps and series.axis == "step":
+        final.metadata["final_save"] = True
+        series.checkpoints.append(final)
+        _order(series)
+        where = "its trainer_state.json" if (folder / "trainer_state.json").is_file() else "its files"
+        series.warnings.append(f"{label}; included at step {final.step} (from {where})")
+        return
+    final.close()
+    if final.step is not None and final.step in steps:
+        why = f"its weights differ from the checkpoint at step {final.step} (e.g. load_best_model_at_end)"
+    else:
+        why = "its step is unknown (no trainer_state.json beside it, and no checkpoint has the same weights)"
+    series.warnings.append(f"{label}; left out: {why}; pass its weights file explicitly to read it alone")
 
 
 def _order(series: Series) -> None:
     ckpts = series.checkpoints
+    if ckpts and all(c.step is None for c in ckpts) and all(_is_int(c.metadata.get("epoch")) for c in ckpts):
+        # No step anywhere, but every file stores its epoch: order by epoch and say the axis is epochs.
+        ckpts.sort(key=lambda c: (int(c.metadata["epoch"]), natural_key(c.path.name)))
+        for c in ckpts:
+            c.step_source = "order"
+        if series.axis != "epoch":
+            series.axis = "epoch"
+            series.warnings.append(
+                "no checkpoint stores a training step (and the numbers in the names are the epochs the files "
+                "store): the series axis is epochs; steps are left empty and per-step rates are not computed")
+        return
     if all(c.step is not None for c in ckpts):
         ckpts.sort(key=lambda c: (c.step, natural_key(c.path.name)))
         steps = [c.step for c in ckpts]
@@ -360,3 +564,34 @@ def with_overrides(
     if family is not None:
         hp = replace(hp, optimizer=names[family], wd_mode=modes[family])  # type: ignore[arg-type]
     return hp
+
+
+# What every public function accepts as a series: an open Series (borrowed, left open), checkpoints already opened
+# (left open), or paths / a glob / one folder (opened and closed here).
+SeriesSource = Series | Sequence[Checkpoint] | Sequence[str | Path] | str | Path
+
+
+@contextmanager
+def borrow(
+    source: SeriesSource,
+    options: OpenOptions | None = None,
+    *,
+    step_regex: str | None = None,
+    on_mismatch: Literal["stop", "skip"] = "stop",
+    overrides: HParams | None = None,
+    read_logs: bool = True,
+) -> Iterator[Series]:
+    """The series behind ``source`` for the duration of a ``with`` block; closes only what it opened itself.
+
+    A single ``str`` or ``Path`` is one path (a folder, a file or a glob), never a sequence of characters.
+    """
+    if isinstance(source, Series) or hasattr(source, "checkpoints"):  # a Series, or an object shaped like one
+        yield cast(Series, source)
+        return
+    items: list[Any] = [source] if isinstance(source, (str, Path)) else list(source)
+    if items and all(isinstance(c, Checkpoint) for c in items):
+        yield Series(items, root=_common_root([c.path for c in items]), overrides=overrides)
+        return
+    with open_series(items, options, step_regex=step_regex, on_mismatch=on_mismatch, overrides=overrides,
+                     read_logs=read_logs) as series:
+        yield series

@@ -129,12 +129,15 @@ def test_pickle_needing_missing_class(unimportable_pickle: Path) -> None:
 
 def test_legacy_pickle_unsafe_globals_are_listed(tmp_path: Path) -> None:
     import argparse
+    import decimal
 
     p = tmp_path / "old.pth"
-    torch.save({"state_dict": small_sd(), "args": argparse.Namespace(lr=1.0)}, p, _use_new_zipfile_serialization=False)
+    # argparse.Namespace is allowlisted as data-only (docs/security.md); decimal.Decimal is not.
+    torch.save({"state_dict": small_sd(), "args": argparse.Namespace(lr=1.0), "best": decimal.Decimal("0.5")}, p,
+               _use_new_zipfile_serialization=False)
     with pytest.raises(UnsafePickleError) as ei:
         torch_pickle.open(p, OpenOptions())
-    assert ei.value.globals_needed == ["argparse.Namespace"]
+    assert ei.value.globals_needed == ["decimal.Decimal"]
     assert torch_pickle.open(p, OpenOptions(trust_pickle=True)).metadata["args"] == {"lr": 1.0}
 
 
@@ -196,12 +199,12 @@ def test_hf_folder_missing_shard_and_unsafe_optimizer(tmp_path: Path) -> None:
     assert_clear(ei.value, d, "model-00002-of-00002.safetensors")
 
     # A pickled optimizer that would import code: weights stay readable, the reason is recorded.
-    import argparse
+    import decimal
 
     (d / "model.safetensors.index.json").unlink()
-    torch.save({"param_groups": [], "state": {}, "cfg": argparse.Namespace()}, d / "optimizer.pt")
+    torch.save({"param_groups": [], "state": {}, "cfg": decimal.Decimal("0.5")}, d / "optimizer.pt")
     ck = hf_folder.open(d, OpenOptions())
-    assert ck.hparams == {} and "argparse.Namespace" in ck.metadata["hparams_error"]
+    assert ck.hparams == {} and "decimal.Decimal" in ck.metadata["hparams_error"]
     assert set(ck.tensors) == set(sd)
 
 
@@ -235,10 +238,13 @@ def test_dcp_pickled_objects_need_trust(tmp_path: Path) -> None:
 
     sd = small_sd()
     d = tmp_path / "dcp_cfg"
-    _save_dcp({"model": sd, "cfg": argparse.Namespace(lr=0.5), "step": 3}, d)
+    import decimal
+
+    # argparse.Namespace is allowlisted as data-only (docs/security.md); decimal.Decimal is not.
+    _save_dcp({"model": sd, "cfg": decimal.Decimal("0.5"), "args": argparse.Namespace(lr=0.5), "step": 3}, d)
     with pytest.raises(UnsafePickleError) as ei:
         dcp.open(d, OpenOptions())  # torch itself would torch.load(weights_only=False) the 'cfg' bytes
-    assert ei.value.path == d and ei.value.globals_needed == ["argparse.Namespace"]
+    assert ei.value.path == d and ei.value.globals_needed == ["decimal.Decimal"]
     assert dcp.open(d, OpenOptions(trust_pickle=True)).step == 3
 
     # A .metadata file (plain pickle in torch) carrying a foreign global is refused before anything runs.

@@ -151,8 +151,9 @@ def test_all_pairs_eval_mode_matches_numpy(run: Path) -> None:
 
 def test_recalibrated_matches_torch_update_bn(run: Path) -> None:
     with open_series([run / "ckpts"]) as series:
-        res = distance(series, f"{run}/model.py:build", run / "probe.npz", pairs="consecutive", batch_size=100)
-    assert res.meta["bn_mode"] == "recalibrate"  # the default for a model built from Python
+        res = distance(series, f"{run}/model.py:build", run / "probe.npz", pairs="consecutive", batch_size=100,
+                       bn_mode="recalibrate")
+    assert res.meta["bn_mode"] == "recalibrate"
     assert list(zip(res.rows.step_a, res.rows.step_b, strict=True)) == list(itertools.pairwise(STEPS))
     y = np.load(run / "probe.npz")["y"]
     logits = {s: _reference_logits(run, s, recalibrate_batch=100) for s in STEPS}
@@ -160,6 +161,15 @@ def test_recalibrated_matches_torch_update_bn(run: Path) -> None:
     # Recalibration changes the answer relative to saved running stats (else this test could not tell them apart).
     eval_logits = _reference_logits(run, STEPS[2])
     assert np.abs(eval_logits - logits[STEPS[2]]).max() > 1e-3
+
+
+def test_default_compares_networks_as_evaluated(run: Path) -> None:
+    """Without --bn-mode the saved running statistics (eval mode) are used: accuracies match the user's own."""
+    with open_series([run / "ckpts"]) as series:
+        res = distance(series, f"{run}/model.py:build", run / "probe.npz", pairs="consecutive", batch_size=100)
+    assert res.meta["bn_mode"] == "eval"
+    y = np.load(run / "probe.npz")["y"]
+    _check_against_reference(res.rows.to_dict(orient="records"), {s: _reference_logits(run, s) for s in STEPS}, y)
 
 
 def test_all_pairs_costs_n_forward_passes(run: Path) -> None:

@@ -347,8 +347,10 @@ def test_keras_bare_weights_file(keras_files: dict[str, Any]) -> None:
         assert {n for n, t in ck.tensors.items() if t.kind == "buffer"} == snap["buffers"]
         assert "inferred" in ck.metadata["roles"]
         assert ck.step == snap["iterations"]
-        hp = ck.hparams["dense/kernel"]  # no config: only what the optimizer variables hold
-        assert hp.lr == pytest.approx(0.05) and hp.weight_decay is None and hp.source == "keras:optimizer_state"
+        # lr from the file's own optimizer variables; momentum / weight decay from the run's m1.keras beside it.
+        hp = ck.hparams["dense/kernel"]
+        assert hp.lr == pytest.approx(0.05) and hp.source == "keras:optimizer_state+keras:compile_config(m1.keras)"
+        assert (hp.weight_decay, hp.momentum, hp.wd_mode) == (pytest.approx(1e-3), pytest.approx(0.9), "decoupled")
 
 
 def test_keras_nested_model_and_frozen_layer(keras_files: dict[str, Any]) -> None:

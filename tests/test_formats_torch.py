@@ -145,7 +145,9 @@ def test_adamw_checkpoint_tutorial_keys_and_ddp_prefix(tmp_path: Path) -> None:
     ck = torch_pickle.open(p, OpenOptions())
     assert ck.metadata["stripped_prefix"] == "module." and ck.metadata["weights_key"] == "model_state_dict"
     assert_weights(ck, m.state_dict())
-    assert ck.step is None and ck.metadata["epoch"] == 2
+    # No step key, but AdamW counts its updates: that count is the step (never the epoch).
+    updates = max(int(st["step"]) for st in opt.state_dict()["state"].values())
+    assert ck.step == updates == 2 and ck.step_source == "contents" and ck.metadata["epoch"] == 2
     assert_hparams(ck, reference_hparams(m, opt))
     h = ck.hparams["8.weight"]
     assert (h.optimizer, h.wd_mode, h.beta2) == ("AdamW", "decoupled", 0.95)
@@ -210,19 +212,24 @@ def test_legacy_format_and_bfloat16(tmp_path: Path) -> None:
     assert_weights(ck, sd)
 
 
-def test_numpy_scalars_do_not_need_trust_but_namespace_does(tmp_path: Path) -> None:
+def test_numpy_scalars_and_namespace_do_not_need_trust(tmp_path: Path) -> None:
     m = bn_cnn()
     p = tmp_path / "np.pt"
     torch.save({"state_dict": m.state_dict(), "metric": np.float64(0.75), "hist": np.arange(3)}, p)
     assert torch_pickle.open(p, OpenOptions()).metadata["weights_key"] == "state_dict"
+    # timm's args Namespace is allowlisted as data-only (docs/security.md); a foreign class still needs trust.
     q = tmp_path / "timm_args.pth"
     args = argparse.Namespace(lr=0.4, weight_decay=2e-5, momentum=0.9, opt="sgd")
     torch.save({"state_dict": m.state_dict(), "args": args, "epoch": 1}, q)
+    assert torch_pickle.open(q, OpenOptions()).metadata["args"] == vars(args)
+    import decimal
+
+    r = tmp_path / "foreign.pth"
+    torch.save({"state_dict": m.state_dict(), "best": decimal.Decimal("0.5")}, r)
     with pytest.raises(UnsafePickleError) as ei:
-        torch_pickle.open(q, OpenOptions())
-    assert ei.value.globals_needed == ["argparse.Namespace"] and ei.value.path == q
-    trusted = torch_pickle.open(q, OpenOptions(trust_pickle=True))
-    assert trusted.metadata["args"] == vars(args)
+        torch_pickle.open(r, OpenOptions())
+    assert ei.value.globals_needed == ["decimal.Decimal"] and ei.value.path == r
+    assert torch_pickle.open(r, OpenOptions(trust_pickle=True)).metadata["weights_key"] == "state_dict"
 
 
 # --- Lightning --------------------------------------------------------------------------------------------------

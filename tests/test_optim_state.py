@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from ilr_inspect.errors import HParamsError
-from ilr_inspect.optim_state import hparams_from_optimizer_state, optimizer_family
+from ilr_inspect.optim_state import (
+    hparams_from_optimizer_state,
+    map_optimizer_groups,
+    optimizer_family,
+    resolve_param_ids,
+)
 
 
 class Net(nn.Module):
@@ -130,6 +135,9 @@ def test_saved_param_names_arbitrary_groups() -> None:
     assert "param_names" in sd["param_groups"][0]
     got = hparams_from_optimizer_state(sd, names, shapes, source="optimizer")
     _check(got, _reference(m, opt))
+    by_id = {id(p): n for n, p in m.named_parameters()}
+    live = {i: by_id[id(p)] for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    assert resolve_param_ids(sd, names, shapes) == live
     # Names saved under a DDP wrapper still resolve to the bare checkpoint names.
     for g in sd["param_groups"]:
         g["param_names"] = ["module." + n for n in g["param_names"]]
@@ -182,9 +190,23 @@ def test_shape_mismatch_is_refused() -> None:
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     _train(m, opt)
     names, shapes = _names_shapes(m)
-    names[0], names[2] = names[2], names[0]  # swap conv.weight and bn.bias: same count, wrong shapes
+    shapes["conv.weight"] = (4, 3, 5, 5)  # the state's (4, 3, 3, 3) buffer fits no parameter
     with pytest.raises(HParamsError, match="shape"):
         hparams_from_optimizer_state(opt.state_dict(), names, shapes, source="optimizer")
+
+
+def test_single_group_is_determined_even_when_name_order_is_off() -> None:
+    # One group holds every parameter, so each one's hyperparameters are known whatever the saved order; only ids
+    # whose state shape is unique map back to a name.
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    _train(m, opt)
+    names, shapes = _names_shapes(m)
+    names[0], names[2] = names[2], names[0]  # conv.weight and bn.bias swapped: the order replay fails on shapes
+    _check(hparams_from_optimizer_state(opt.state_dict(), names, shapes, source="optimizer"), _reference(m, opt))
+    pids = resolve_param_ids(opt.state_dict(), names, shapes)
+    assert pids[0] == "conv.weight" and 1 not in pids  # bn.weight/bn.bias share shape (4,)
 
 
 def test_ambiguous_recipes_are_refused() -> None:
@@ -193,8 +215,17 @@ def test_ambiguous_recipes_are_refused() -> None:
     ps = {n: nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
     opt = torch.optim.AdamW([{"params": [ps["fc.weight"], ps["gain"]], "weight_decay": 0.1},
                              {"params": [ps["emb.bias"], ps["norm.weight"]], "weight_decay": 0.0}])
+    # Each parameter could be in either group: the weight decay is open, while lr and β1 (equal in both) are known.
+    got = map_optimizer_groups(opt.state_dict(), list(shapes), shapes, source="optimizer")
+    assert set(got.undetermined) == set(shapes)
+    assert all(h.weight_decay is None and h.lr == 1e-3 and h.momentum == 0.9 for h in got.hparams.values())
+    assert got.note is not None and "leave weight_decay open" in got.note and "--wd" in got.note
+    # When every field differs between the candidate groups, nothing is reported and the refusal says why.
+    opt2 = torch.optim.AdamW([{"params": [ps["fc.weight"], ps["gain"]], "weight_decay": 0.1, "lr": 0.1},
+                              {"params": [ps["emb.bias"], ps["norm.weight"]], "weight_decay": 0.0, "lr": 0.2,
+                               "betas": (0.8, 0.99)}])
     with pytest.raises(HParamsError, match="ambiguous"):
-        hparams_from_optimizer_state(opt.state_dict(), list(shapes), shapes, source="optimizer")
+        hparams_from_optimizer_state(opt2.state_dict(), list(shapes), shapes, source="optimizer")
 
 
 def test_fqn_keyed_optimizer_state() -> None:
@@ -209,6 +240,7 @@ def test_fqn_keyed_optimizer_state() -> None:
     assert isinstance(osd["param_groups"][0]["params"][0], str)
     names, shapes = _names_shapes(m)
     _check(hparams_from_optimizer_state(osd, names, shapes, source="optimizer"), _reference(m, opt))
+    assert resolve_param_ids(osd, names, shapes) == {n: n for n in names}  # FQN-keyed: the id is the name
 
 
 @pytest.mark.parametrize(

@@ -68,8 +68,8 @@ def test_step_inside_wins_over_name(tmp_path: Path) -> None:
 
 
 def test_natural_order_without_steps(tmp_path: Path) -> None:
-    for n in ("w10", "w9", "w100"):
-        _write(tmp_path / f"{n}.safetensors", 1)
+    for n in ("w10", "w9", "w100"):  # distinct contents: byte-identical files are one checkpoint (aliases)
+        _write(tmp_path / f"{n}.safetensors", int(n[1:]))
     with open_series([tmp_path], read_logs=False) as series:
         assert [c.path.name for c in series] == ["w9.safetensors", "w10.safetensors", "w100.safetensors"]
         assert {c.step_source for c in series} == {"order"}
@@ -134,7 +134,7 @@ def test_overrides_fill_hparams_and_name_the_cli(tmp_path: Path) -> None:
         hp = series.hparams_for(series[0])["conv.weight"]
     assert (hp.lr, hp.weight_decay, hp.optimizer, hp.wd_mode, hp.source) == (0.01, 0.1, "DecoupledAdamW", "unscaled",
                                                                               "cli")
-    # Composer's DecoupledAdamW shrinks by λ per step, not ηλ (theory.md §13.3).
+    # Composer's DecoupledAdamW shrinks by λ per step, not ηλ (docs/theory.md §4).
     assert dynamics(hp).intrinsic_lr == 0.1
     adamw = with_overrides(lr=0.01, wd=0.1, optimizer="adamw")
     assert adamw is not None

@@ -1,6 +1,6 @@
-"""Theory predictions and measurements against the oracles of theory.md §11 (numbers quoted from there).
+"""Theory predictions and measurements against the oracles of docs/theory.md §6 (numbers quoted from there).
 
-The random-walk toy of theory.md §11.8 is re-implemented here in NumPy (small: d = 256, a few thousand steps) with
+The random-walk toy of docs/theory.md §6 is re-implemented here in NumPy (small: d = 256, a few thousand steps) with
 PyTorch optimizer semantics; its trajectory is fed to the library as a checkpoint series.
 """
 
@@ -32,7 +32,7 @@ def _dyn(opt: str, lr: float, wd: float, mom: float, beta2: float | None = None,
                                wd_mode=mode))  # type: ignore[arg-type]
 
 
-# ------------------------------------------------------------------ closed forms, theory.md §11.2–§11.5
+# ------------------------------------------------------------------ closed forms, docs/theory.md §6–§8
 @pytest.mark.parametrize(("opt", "lr", "wd", "mom", "beta2", "expected", "rel"), [
     ("sgd", 0.1, 5e-4, 0.0, None, 0.0100000, 1e-5),
     ("sgd", 0.1, 5e-4, 0.9, None, 7.2548e-3, 1e-4),
@@ -82,7 +82,7 @@ def test_checkpoint_decorrelation_section_11_5(opt: str, lr: float, wd: float, m
 
 
 def test_adamw_equilibrium_norm_closed_form() -> None:
-    # sqrt(ηC/(2λ)) with η=1e-3, λ=0.1, C=256 (theory.md §11.3)
+    # sqrt(ηC/(2λ)) with η=1e-3, λ=0.1, C=256 (docs/theory.md §7)
     assert th.equilibrium_norm_closed_form(_dyn("adamw", 1e-3, 0.1, 0.9), 256) == pytest.approx(math.sqrt(1.28))
 
 

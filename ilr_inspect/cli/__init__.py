@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from .app import app
 
@@ -17,7 +19,28 @@ for _name in _COMMAND_MODULES:
 
 
 def main() -> None:
-    app(prog_name="ilr-inspect")
+    """Run the CLI, then end the process as soon as its output is flushed: tearing down the interpreter (freeing
+    every module and array) cost 0.4-0.6 s per run and changes nothing a user sees. Files are written atomically
+    and fsynced before this point; ILR_INSPECT_SLOW_EXIT=1 keeps the normal exit (e.g. for profilers)."""
+    try:
+        app(prog_name="ilr-inspect")
+        code = 0
+    except SystemExit as exc:
+        if os.environ.get("ILR_INSPECT_SLOW_EXIT"):
+            raise
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            sys.stderr.write(f"{exc.code}\n")
+            code = 1
+    if os.environ.get("ILR_INSPECT_SLOW_EXIT"):
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+        code = code or 1
+    os._exit(code)
 
 
 __all__ = ["app", "main"]

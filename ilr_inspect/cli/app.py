@@ -10,12 +10,16 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL, IlrError
+from ..errors import EXIT_INPUT, EXIT_INTERNAL, IlrError
 
 
 def _print_error(message: str) -> None:
-    # Plain stderr write: one line, no wrapping, no markup interpretation of file names.
-    sys.stderr.write(message.rstrip() + "\n")
+    # One line, no markup; file names that are not valid UTF-8 are escaped rather than crashing the write.
+    line = " ".join(message.split()) + "\n"
+    try:
+        sys.stderr.write(line)
+    except UnicodeEncodeError:
+        sys.stderr.write(line.encode("ascii", "backslashreplace").decode("ascii"))
 
 
 class _ErrorBoundary(TyperGroup):
@@ -31,6 +35,22 @@ class _ErrorBoundary(TyperGroup):
         except KeyboardInterrupt:
             _print_error("Interrupted.")
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if os.environ.get("ILR_INSPECT_DEBUG"):
+                raise
+            # An OS-level failure on a named file (an unreadable input, an -o that is a folder or unwritable)
+            # is a problem with that file, not a bug (docs/security.md).
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            _print_error(f"Error: {where}{exc.strerror or type(exc).__name__} "
+                         "(hint: check the path and its permissions)")
+            raise typer.Exit(EXIT_INPUT) from None
+        except (MemoryError, RecursionError) as exc:
+            if os.environ.get("ILR_INSPECT_DEBUG"):
+                raise
+            # Only hostile or damaged input gets here (every parser has size/depth limits; docs/security.md).
+            what = "too large to hold in memory" if isinstance(exc, MemoryError) else "nested too deeply to read"
+            _print_error(f"Error: an input is {what} (hint: check the files you passed; see docs/security.md)")
+            raise typer.Exit(EXIT_INPUT) from None
         except Exception as exc:
             if os.environ.get("ILR_INSPECT_DEBUG"):
                 raise

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_type_hints
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .app import app
+
 if TYPE_CHECKING:
+    from ..checkpoint import HParams
     from ..output import OutputFormat, Result
+    from ..series import Series
+
 
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -19,46 +29,149 @@ PathsArg = Annotated[
     list[str],
     typer.Argument(help="Checkpoint folder, glob, or explicit files/folders (a series is ordered by training step)."),
 ]
-_FORMATS = ("table", "csv", "json", "parquet")
 
 
-def _format_callback(value: str) -> str:
-    # Validate before any checkpoint is read, so a typo fails fast with a usage error.
-    if value.lower() not in _FORMATS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_FORMATS)}")
-    return value.lower()
+# Choices as Enums, so --help and docs/cli.md list them and click rejects a typo before anything is read.
+Format = StrEnum("Format", "table csv json parquet")
+OnMismatch = StrEnum("OnMismatch", "stop skip")
+Optimizer = StrEnum("Optimizer", "sgd adamw adam lion sgdw decoupledadamw")
+Granularity = StrEnum("Granularity", "tensor channel")
+_FORMATS = tuple(f.value for f in Format)
 
 
-FormatOpt = Annotated[
-    str, typer.Option("--format", "-f", help="table | csv | json | parquet.", callback=_format_callback)
-]
+def choice(value: object) -> str:
+    """The plain string behind an Enum choice (or a string given by a caller)."""
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)]
 OutOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the data to FILE (atomically) instead of stdout.")
 ]
-TrustOpt = Annotated[
-    bool, typer.Option("--trust-pickle", help="Allow pickles that import code (only for files you trust).")
-]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Override the learning rate for every parameter.")]
-WdOpt = Annotated[float | None, typer.Option("--wd", help="Override the weight decay for every parameter.")]
-MomentumOpt = Annotated[float | None, typer.Option("--momentum", help="Override SGD momentum / Adam beta1.")]
-OptimizerOpt = Annotated[
-    str | None,
-    typer.Option("--optimizer", help="Override the optimizer family: sgd, adamw, adam, lion, sgdw, decoupledadamw "
-                                     "(Composer; weight decay not scaled by the lr)."),
-]
-OnMismatchOpt = Annotated[
-    str, typer.Option("--on-mismatch", help="A checkpoint of another architecture in the series: stop | skip.")
-]
-StepRegexOpt = Annotated[
-    str | None, typer.Option("--step-regex", help="Regex with one group that extracts the step from file names.")
-]
-EmaOpt = Annotated[bool, typer.Option("--ema", help="Read the EMA weights (timm state_dict_ema) as the series.")]
-KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry of a training checkpoint that holds the weights.")]
 
 
-def check_format(fmt: str) -> OutputFormat:
-    f = fmt.lower()
+@dataclass(frozen=True)
+class HParamOptions:
+    """Hyperparameter overrides (commands that compute effective or intrinsic LRs)."""
+
+    __cli_bundle__: ClassVar[bool] = True  # :func:`command` expands a parameter of this type into options
+
+    lr: Annotated[float | None, typer.Option("--lr", help="Override the learning rate for every parameter.")] = None
+    wd: Annotated[float | None, typer.Option("--wd", help="Override the weight decay for every parameter.")] = None
+    momentum: Annotated[float | None, typer.Option("--momentum", help="Override SGD momentum / Adam beta1.")] = None
+    optimizer: Annotated[Optimizer | None, typer.Option(
+        "--optimizer", case_sensitive=False,
+        help="Override the optimizer family (decoupledadamw: Composer, weight decay not scaled by the lr).")] = None
+
+    def overrides(self) -> HParams | None:
+        from ..series import with_overrides
+
+        return with_overrides(self.lr, self.wd, self.momentum, choice(self.optimizer) if self.optimizer else None)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: choice(v) if isinstance(v, Enum) else v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SeriesOptions:
+    """How a series is read (every command that reads checkpoints)."""
+
+    __cli_bundle__: ClassVar[bool] = True  # :func:`command` expands a parameter of this type into options
+
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow pickles that import code (only for files you trust).")] = False
+    key: Annotated[str | None, typer.Option("--key", help="Entry of a training checkpoint that holds the weights.")] \
+        = None
+    ema: Annotated[bool, typer.Option("--ema", help="Read the EMA weights (timm state_dict_ema) as the series.")] \
+        = False
+    step_regex: Annotated[str | None, typer.Option(
+        "--step-regex", help="Regex with one group that extracts the step from file names.")] = None
+    on_mismatch: Annotated[OnMismatch, typer.Option(
+        "--on-mismatch", help="A checkpoint of another architecture in the series: stop, or skip it with a warning.",
+        case_sensitive=False)] = OnMismatch.stop
+    quiet: QuietOpt = False
+
+    def settings(self) -> dict[str, Any]:
+        return {"trust_pickle": self.trust_pickle, "key": self.key, "ema": self.ema, "step_regex": self.step_regex,
+                "on_mismatch": choice(self.on_mismatch)}
+
+    def open(self, paths: list[str] | list[Path], *, hp: HParamOptions | None = None,
+             read_logs: bool = True) -> Series:
+        """Open a series with a progress bar on stderr (only when stderr is a terminal and not --quiet)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from ..formats import OpenOptions
+        from ..series import expand_paths, open_series
+
+        options = OpenOptions(trust_pickle=self.trust_pickle, key=self.key, ema=self.ema)
+        total = len(expand_paths(list(paths)))
+        with Progress(TextColumn("reading headers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=stderr, transient=True, disable=self.quiet or not stderr.is_terminal) as bar:
+            task = bar.add_task("headers", total=total)
+            return open_series(list(paths), options, step_regex=self.step_regex,
+                               on_mismatch=choice(self.on_mismatch),  # type: ignore[arg-type]
+                               overrides=hp.overrides() if hp is not None else None, read_logs=read_logs,
+                               progress=lambda _p: bar.advance(task))
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where a table goes and in which format."""
+
+    __cli_bundle__: ClassVar[bool] = True  # :func:`command` expands a parameter of this type into options
+
+    fmt: FormatOpt = Format.table
+    output: OutOpt = None
+
+    def emit(self, result: Result, columns: list[str] | None = None, *, quiet: bool = False) -> None:
+        emit(result, choice(self.fmt), self.output, table_columns=columns, quiet=quiet)
+
+
+def command(name: str, *, doc: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command(name)`` that expands each option bundle parameter into its options, declared once.
+
+    The command function receives the bundle objects; Typer sees the individual options (after the command's
+    own), so --help and docs/cli.md list them like any other option.
+    """
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        hints = get_type_hints(fn, include_extras=True)
+        own: list[inspect.Parameter] = []
+        bundles: dict[str, type] = {}
+        for p in inspect.signature(fn).parameters.values():
+            ann = hints[p.name]
+            if getattr(ann, "__cli_bundle__", False):
+                bundles[p.name] = ann
+            else:
+                own.append(p.replace(annotation=ann))
+        expanded: dict[str, list[str]] = {}
+        extra: list[inspect.Parameter] = []
+        for arg, cls in bundles.items():
+            field_hints = get_type_hints(cls, include_extras=True)
+            expanded[arg] = [f.name for f in fields(cls)]
+            extra += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=field_hints[f.name]) for f in fields(cls)]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> None:
+            for arg, cls in bundles.items():
+                kwargs[arg] = cls(**{n: kwargs.pop(n) for n in expanded[arg]})
+            fn(**kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        if doc is not None:
+            wrapper.__doc__ = doc
+        app.command(name)(wrapper)
+        return wrapper
+
+    return register
+
+
+def check_format(fmt: str | Format) -> OutputFormat:
+    f = choice(fmt).lower()
     if f not in _FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(_FORMATS)}", param_hint="--format")
     return f  # type: ignore[return-value]
@@ -113,7 +226,7 @@ def render_table(result: Result, columns: list[str] | None = None, title: str | 
     return table
 
 
-def emit(result: Result, fmt: str, output: Path | None, *, table_columns: list[str] | None = None,
+def emit(result: Result, fmt: str | Format, output: Path | None, *, table_columns: list[str] | None = None,
          quiet: bool = False) -> None:
     """Send a result to stdout or a file in the requested format; narration goes to stderr."""
     from ..output import atomic_write, serialize
@@ -146,39 +259,7 @@ def emit(result: Result, fmt: str, output: Path | None, *, table_columns: list[s
             stderr.print(f"wrote {output} ({len(data)} bytes)")
 
 
-def open_series_from_cli(
-    paths: list[str],
-    *,
-    trust_pickle: bool = False,
-    key: str | None = None,
-    ema: bool = False,
-    step_regex: str | None = None,
-    on_mismatch: str = "stop",
-    quiet: bool = False,
-    lr: float | None = None,
-    wd: float | None = None,
-    momentum: float | None = None,
-    optimizer: str | None = None,
-    read_logs: bool = True,
-) -> Any:
-    """Open a series with a progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ..formats import OpenOptions
-    from ..series import expand_paths, open_series, with_overrides
-
-    overrides = with_overrides(lr, wd, momentum, optimizer)
-    options = OpenOptions(trust_pickle=trust_pickle, key=key, ema=ema)
-    total = len(expand_paths(paths))
-    with Progress(TextColumn("reading headers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as bar:
-        task = bar.add_task("headers", total=total)
-        series = open_series(paths, options, step_regex=step_regex, on_mismatch=on_mismatch,  # type: ignore[arg-type]
-                             overrides=overrides, read_logs=read_logs, progress=lambda _p: bar.advance(task))
-    return series
-
-
-def print_warnings(series: Any, quiet: bool) -> None:
+def print_warnings(series: Series, quiet: bool) -> None:
     if quiet:
         return
     for w in series.warnings:

@@ -8,30 +8,16 @@ from typing import Annotated
 import typer
 
 from ..errors import ThresholdError, UsageError
-from .app import app
-from .common import (
-    EmaOpt,
-    KeyOpt,
-    LrOpt,
-    MomentumOpt,
-    OnMismatchOpt,
-    OptimizerOpt,
-    PathsArg,
-    QuietOpt,
-    StepRegexOpt,
-    TrustOpt,
-    WdOpt,
-    open_series_from_cli,
-    print_warnings,
-    stderr,
-)
+from .common import HParamOptions, PathsArg, SeriesOptions, command, print_warnings, stderr
 
 DEFAULT_OUT = Path("report.html")
 
 
-@app.command("report")
+@command("report")
 def report_cmd(
     paths: PathsArg,
+    hp: HParamOptions,
+    so: SeriesOptions,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="The HTML file to write (default ./report.html; never inside the checkpoint folder "
                                "unless you name that path).")] = None,
@@ -43,11 +29,11 @@ def report_cmd(
         "--fail-if", help="Exit with code 3 after writing the report when EXPR holds, e.g. 'max_angle_ratio>1.5', "
                           "'regime==periodic', 'min_norm<1e-3' (repeatable; metrics in docs/report.md).")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="Model for function-space distances (as for `distance`); found next to the "
-                              "checkpoints when omitted.")] = None,
+        "--model", "-m", help="Model for function-space distances (as for `distance`); never picked up on "
+                              "its own (a model file beside the checkpoints is only named in a note).")] = None,
     probe: Annotated[str | None, typer.Option(
-        "--probe", help="Probe inputs for distances (.npz with x[, y]); probe.npz next to the checkpoints is "
-                        "used when omitted.")] = None,
+        "--probe", help="Probe inputs for distances (.npz with x[, y]); with --model, probe.npz next to the "
+                        "checkpoints is used when omitted.")] = None,
     no_distance: Annotated[bool, typer.Option("--no-distance", help="Skip function-space distances.")] = False,
     equilibrium: Annotated[Path | None, typer.Option(
         "--equilibrium", help="Results folder of `ilr-inspect equilibrium` (equilibrium.json, curves.csv).")] = None,
@@ -61,16 +47,6 @@ def report_cmd(
     timestamp: Annotated[str | None, typer.Option(
         "--timestamp", help="Fixed creation time for reproducible output (also env ILR_INSPECT_TIMESTAMP).")] = None,
     title: Annotated[str | None, typer.Option("--title", help="Page title.")] = None,
-    lr: LrOpt = None,
-    wd: WdOpt = None,
-    momentum: MomentumOpt = None,
-    optimizer: OptimizerOpt = None,
-    trust_pickle: TrustOpt = False,
-    key: KeyOpt = None,
-    ema: EmaOpt = False,
-    step_regex: StepRegexOpt = None,
-    on_mismatch: OnMismatchOpt = "stop",
-    quiet: QuietOpt = False,
 ) -> None:
     """All of the above in one self-contained HTML page that renders offline (no network requests).
 
@@ -83,34 +59,28 @@ def report_cmd(
     from ..series import expand_paths
 
     parse_all(fail_if or [])  # malformed gates fail before any checkpoint is read
+    from ..evidence import locate, model_hint, without_model_file
+
+    quiet = so.quiet
     candidates = expand_paths(paths)
-    if not no_distance and (model is None or probe is None):
-        from .distance_cmd import discover_model, discover_probe
-
-        found_model = model or discover_model(candidates)
-        found_probe = probe or discover_probe(candidates)
-        if found_model is not None and found_probe is not None:
-            if not quiet and (model is None or probe is None):
-                stderr.print(f"distance: model {found_model}, probe {found_probe} (found next to the checkpoints)",
-                             markup=False)
-            model, probe = str(found_model), str(found_probe)
-        elif model is not None or probe is not None:
-            raise UsageError("--model and --probe go together; the other one was not found next to the checkpoints")
-        elif found_model is None and not quiet:
-            from .distance_cmd import model_py_hint
-
-            named = model_py_hint(candidates)
-            if named is not None:
-                stderr.print(f"note: no function-space distances; add --model {named} --probe PROBE to include them "
-                             "(ilr-inspect only runs model code you name)", markup=False)
     if no_distance:
         model = probe = None
-    if model is not None and Path(model).is_file():
-        # A model file sitting among the checkpoints is not itself a checkpoint of the series.
-        candidates = [c for c in candidates if c.resolve() != Path(model).resolve()]
-    series = open_series_from_cli([str(c) for c in candidates], trust_pickle=trust_pickle, key=key, ema=ema,
-                                  step_regex=step_regex, on_mismatch=on_mismatch, quiet=quiet, lr=lr, wd=wd,
-                                  momentum=momentum, optimizer=optimizer)
+    elif model is None and probe is None:
+        named = model_hint(candidates)  # model code beside the series is named, never run on its own
+        if named is not None and not quiet:
+            stderr.print(f"note: no function-space distances; add --model {named} --probe PROBE to include them "
+                         "(ilr-inspect only runs model code you name)", markup=False)
+    elif model is None:
+        raise UsageError("--model and --probe go together (function-space distance needs both)")
+    else:
+        ev = locate(candidates, model, probe)
+        if ev.probe_spec is None:
+            raise UsageError("--model and --probe go together; no probe.npz was found next to the checkpoints")
+        for note in ev.notes if not quiet else []:
+            stderr.print(note, markup=False)
+        probe = ev.probe_spec
+    candidates = without_model_file(candidates, model)
+    series = so.open([str(c) for c in candidates], hp=hp)
     with series:
         result = report(series, out=output or DEFAULT_OUT, out_is_default=output is None, png_dir=png, svg_dir=svg,
                         summary_md=summary_md, fail_if=fail_if or [], model=model, probe=probe,

@@ -17,6 +17,9 @@ from typing import Protocol, cast
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpointError, InputError, UnknownFormatError
 
+# Every zip-based format (torch.save, TorchScript, torch.export, .keras, .npz) starts with this local-header magic.
+ZIP_MAGIC = b"PK\x03\x04"
+
 # Module names under ilr_inspect.formats, in sniffing order.
 REGISTRY: tuple[str, ...] = (
     "hf_folder",
@@ -65,6 +68,11 @@ def detect(path: Path) -> FormatModule:
     """The first registered format that recognises ``path``."""
     if not path.exists():
         raise InputError("no such file or folder", hint="check the path", path=path)
+    from ..safety import special_file
+
+    if special_file(path):  # reading a FIFO or device would block or never end (docs/security.md)
+        raise InputError("not a regular file (FIFO, device or socket)", hint="point at a checkpoint file",
+                         path=path)
     if path.is_file():
         try:
             size = path.stat().st_size
@@ -84,6 +92,18 @@ def detect(path: Path) -> FormatModule:
         hint="supported: " + ", ".join(m.NAME for m in available()) + "; see `ilr-inspect formats`",
         path=path,
     )
+
+
+def sniffed(path: Path) -> str | None:
+    """The NAME of the first registered format that recognises ``path``, or None — the one detection every caller
+    (series, model discovery) shares. No checks, no errors: for deciding, not for reading."""
+    for fmt in available():
+        try:
+            if fmt.sniff(path):
+                return fmt.NAME
+        except OSError:
+            return None
+    return None
 
 
 def open_checkpoint(path: str | Path, options: OpenOptions | None = None) -> Checkpoint:

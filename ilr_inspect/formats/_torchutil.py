@@ -18,8 +18,8 @@ import torch
 
 from ..checkpoint import HParams, TensorInfo, TensorKind, guess_kind
 from ..errors import CorruptCheckpointError, HParamsError, InputError, UnsafePickleError
+from . import ZIP_MAGIC  # one definition for every zip-based reader
 
-ZIP_MAGIC = b"PK\x03\x04"
 _WIDEN = {torch.bfloat16, torch.float16}  # float16 stays: NumPy has it
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CORRUPT_HINT = "the file may be truncated or not written by torch.save; re-save or remove it"
@@ -57,7 +57,7 @@ def classify(head: bytes) -> str:
 
 
 def numpy_safe_globals() -> list[Any]:
-    """HF Trainer's allowlist for NumPy scalars/arrays in rng_state.pth and friends (formats.md §2.1.1)."""
+    """HF Trainer's allowlist for NumPy scalars/arrays in rng_state.pth and friends (docs/formats.md)."""
     out: list[Any] = [np.ndarray, np.dtype]
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     if core is not None:
@@ -66,12 +66,57 @@ def numpy_safe_globals() -> list[Any]:
     return out
 
 
+# Data-only classes real checkpoints pickle beside tensors, allowed by exact (module, name) — never by module
+# prefix. docs/security.md says why constructing each (NEWOBJ/REDUCE + BUILD) cannot run code;
+# tests/test_hostile.py audits every entry.
+DATA_GLOBALS: tuple[tuple[str, str], ...] = (
+    ("argparse", "Namespace"),  # timm CheckpointSaver stores the training `args`
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # paths inside saved args/configs
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+)
+
+
+def data_globals() -> list[Any]:
+    import importlib
+
+    return [getattr(importlib.import_module(m), n) for m, n in DATA_GLOBALS]
+
+
+def allowed_globals() -> list[Any]:
+    """Everything ``torch.load(weights_only=True)`` may resolve beyond torch's own defaults."""
+    return numpy_safe_globals() + data_globals()
+
+
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) files: fall back to the names torch's error message lists
-        found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    return [g for g in found if not g.startswith("numpy.")] or found
+    except Exception:  # legacy (non-zip) files: the pickle stream's own GLOBAL opcodes, else torch's message
+        found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc)) or (
+            _scan_globals(path))
+    allowed = {f"{m}.{n}" for m, n in DATA_GLOBALS}
+    found = [g for g in dict.fromkeys(found) if g not in allowed]
+    return [g for g in found if not g.startswith("numpy.")] or found or ["(an unlisted global)"]
+
+
+def _scan_globals(path: Path, limit: int = 64 * 1024 * 1024) -> list[str]:
+    """``module.name`` of every GLOBAL/STACK_GLOBAL in the first pickle of ``path`` — opcodes only, nothing run."""
+    import pickletools
+
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit)
+        out: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                out.append(arg.replace(" ", "."))
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                out.append(f"{strings[-2]}.{strings[-1]}")
+        return out
+    except Exception:  # damaged stream: whatever torch's message says is all there is
+        return []
 
 
 def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
@@ -89,7 +134,7 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
             else "check that this is the file torch.save wrote", path=path)
     mmap = kind == "zip"  # mmap needs the zip layout; legacy pickles are read into memory
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
@@ -101,6 +146,9 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         raise CorruptCheckpointError(f"cannot read the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
                                      path=path) from exc
+    except Exception as exc:  # damaged pickles reach torch internals (AttributeError, TypeError, …)
+        raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
+                                     hint=_CORRUPT_HINT, path=path) from exc
     return _load_trusted(path, mmap, needed, what)
 
 
@@ -246,15 +294,16 @@ def map_optimizer(
     opt_sd: Any, infos: list[TensorInfo], *, label: str, path: Path,
     names_ordered: bool = True, source: str = "optimizer",
 ) -> tuple[dict[str, HParams], str | None]:
-    """hparams for the trainable parameters, or ({}, reason) when the optimizer state cannot be mapped."""
-    from ..optim_state import hparams_from_optimizer_state
+    """hparams for the trainable parameters, or ({}, reason) when the optimizer state cannot be mapped; a partial
+    mapping (groups decided for some parameters only) comes with a note saying what is ambiguous."""
+    from ..optim_state import map_optimizer_groups
 
     if not isinstance(opt_sd, Mapping) or "param_groups" not in opt_sd:
         return {}, f"{label} is not a torch optimizer state_dict"
     params = [i.name for i in infos if i.kind == "parameter"]
     shapes = {i.name: i.shape for i in infos}
     try:
-        return hparams_from_optimizer_state(opt_sd, params, shapes, source=source, names_ordered=names_ordered,
-                                            path=path), None
+        got = map_optimizer_groups(opt_sd, params, shapes, source=source, names_ordered=names_ordered, path=path)
+        return got.hparams, (f"{label}: {got.note}" if got.note else None)
     except HParamsError as exc:
         return {}, f"{label}: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")

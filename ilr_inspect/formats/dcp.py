@@ -1,4 +1,4 @@
-"""``torch.distributed.checkpoint`` folders: ``.metadata`` + ``*.distcp`` (formats.md §2.1.6).
+"""``torch.distributed.checkpoint`` folders: ``.metadata`` + ``*.distcp`` (docs/formats.md).
 
 Headers come from the ``.metadata`` file without touching tensor data; each tensor is loaded on demand with
 ``no_dist=True`` (no process group), and nothing is written into the folder. Optimizer state saved with
@@ -37,13 +37,29 @@ def sniff(path: Path) -> bool:
         return False
 
 
-_SAFE_MODULES = {"torch.distributed.checkpoint.metadata"}
-_SAFE_NAMES = {
+# Exact (module, name) pairs, never module prefixes: a dotted name like ``metadata.os.system`` resolves through
+# the module's own imports, so "anything in torch.distributed.checkpoint.metadata" would allow os.system.
+# Each entry is a data-only class or pure lookup; docs/security.md says why none can run code.
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    (_DCP_MD, "Metadata"), (_DCP_MD, "TensorStorageMetadata"), (_DCP_MD, "BytesStorageMetadata"),
+    (_DCP_MD, "ChunkStorageMetadata"), (_DCP_MD, "TensorProperties"), (_DCP_MD, "MetadataIndex"),
+    (_DCP_MD, "StorageMeta"), (_DCP_MD, "_MEM_FORMAT_ENCODING"),
     ("torch", "Size"), ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-}
+})
+
+
+def torch_dtype_global(module: str, name: str) -> Any:
+    """``torch.<dtype>`` when (module, name) names a dtype object exactly, else None."""
+    import torch
+
+    if module != "torch" or "." in name:
+        return None
+    obj = getattr(torch, name, None)
+    return obj if isinstance(obj, torch.dtype) else None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -55,15 +71,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.refused: list[str] = []
 
     def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        obj = super().find_class(module, name) if self.trust else None
-        if obj is not None:
-            return obj
-        if module in _SAFE_MODULES or (module, name) in _SAFE_NAMES:
+        if self.trust:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        dtype = torch_dtype_global(module, name)
+        if dtype is not None:
+            return dtype
         self.refused.append(f"{module}.{name}")
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
@@ -83,6 +97,38 @@ def _read_metadata(path: Path, trust: bool) -> Any:
         raise CorruptCheckpointError(f"cannot read the DCP .metadata ({str(exc)[:200]})",
                                      hint="the folder is incomplete or written by an incompatible torch", path=path
                                      ) from exc
+
+
+def _validate(path: Path, md: Any) -> None:
+    """The metadata's types, shapes and file references, before any of it is used (docs/security.md)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    from ..safety import check_shape, ensure_inside, special_file
+
+    bad = "the DCP .metadata is not a torch.distributed.checkpoint Metadata"
+    hint = "the folder is incomplete or written by an incompatible torch"
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, Mapping):
+        raise CorruptCheckpointError(bad, hint=hint, path=path)
+    for k, v in md.state_dict_metadata.items():
+        if isinstance(v, TensorStorageMetadata):
+            check_shape(v.size, name=str(k), path=path)
+            for chunk in v.chunks:
+                check_shape(chunk.offsets, name=str(k), path=path)
+                check_shape(chunk.sizes, name=str(k), path=path)
+    storage = md.storage_data if md.storage_data is not None else {}
+    if not isinstance(storage, Mapping):
+        raise CorruptCheckpointError(bad, hint=hint, path=path)
+    for info in storage.values():
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise CorruptCheckpointError(bad, hint=hint, path=path)
+        data_file = ensure_inside(path / info.relative_path, path, what="data file")
+        if special_file(data_file):  # a FIFO/device would block the reader (docs/security.md)
+            raise InputError(f"data file {info.relative_path!r} is not a regular file", hint=hint, path=path)
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                and info.length >= 0):
+            raise CorruptCheckpointError(f"negative offset or length for {info.relative_path!r}", hint=hint,
+                                         path=path)
 
 
 def _reader(path: Path, md: Any) -> Any:
@@ -120,7 +166,7 @@ class DcpSource:
             try:
                 load(buf, storage_reader=_reader(self._path, self._md), no_dist=True)
             except (Exception, CheckpointException) as exc:  # CheckpointException wraps per-rank I/O errors
-                raise CorruptCheckpointError(f"cannot read tensor {name!r} ({str(exc)[:200]})",
+                raise CorruptCheckpointError(f"cannot read tensor {name!r} ({_root_cause(exc)})",
                                              hint="a .distcp file is missing or truncated", path=self._path) from exc
         return to_numpy(buf[key])
 
@@ -138,12 +184,12 @@ def _load_bytes(path: Path, md: Any, keys: list[str], trust: bool) -> dict[str, 
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from ._torchutil import numpy_safe_globals
+    from ._torchutil import allowed_globals
 
     class _Planner(_EmptyStateDictLoadPlanner):
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             try:
-                with torch.serialization.safe_globals(numpy_safe_globals()):
+                with torch.serialization.safe_globals(allowed_globals()):
                     obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not trust:
@@ -169,9 +215,17 @@ def _load_bytes(path: Path, md: Any, keys: list[str], trust: bool) -> dict[str, 
             inner = [e for e in _causes(exc) if isinstance(e, UnsafePickleError)]
             if inner:
                 raise inner[0] from exc
-            raise CorruptCheckpointError(f"cannot read the non-tensor entries ({str(exc)[:200]})",
+            raise CorruptCheckpointError(f"cannot read the non-tensor entries ({_root_cause(exc)})",
                                          hint="a .distcp file is missing or truncated", path=path) from exc
     return out
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's first line: CheckpointException's own text embeds per-rank tracebacks."""
+    inner = [e for e in _causes(exc) if type(e).__name__ != "CheckpointException"]
+    e = inner[-1] if inner else exc
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -200,6 +254,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
     if not path.is_dir():
         raise InputError("is not a folder", hint="pass the folder holding .metadata and *.distcp", path=path)
     md = _read_metadata(path, options.trust_pickle)
+    _validate(path, md)
     smd: Mapping[str, Any] = md.state_dict_metadata
     pdata = md.planner_data if isinstance(md.planner_data, Mapping) else {}
     paths: dict[str, tuple[Any, ...]] = {k: tuple(pdata.get(k, (k,))) for k in smd}
@@ -232,7 +287,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         if not (dtype.is_floating_point or dtype.is_complex):
             kind = "buffer"
         entries[name] = (k, v)
-        infos.append(TensorInfo(name, tuple(int(d) for d in v.size), dtype_name(dtype), kind))
+        infos.append(TensorInfo(name, tuple(int(d) for d in v.size), dtype_name(dtype), kind))  # checked
     if not infos:
         raise InputError("no model tensors in this DCP checkpoint", hint="name the entry with --key", path=path)
 

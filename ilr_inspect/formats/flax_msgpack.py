@@ -11,7 +11,7 @@ Also holds the pytree naming rules shared with the Orbax reader.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,12 +75,40 @@ def _np_dtype(name: str) -> np.dtype[Any]:
         return dtype
 
 
+def _checked_leaf(shape: Any, dtype: Any, buf: Any) -> _Leaf:
+    """An array header from untrusted bytes: ValueError (reported with the file) unless shape, dtype and data size
+    agree — negative/overflowing shapes and unknown dtypes are errors, never silent drops (docs/security.md)."""
+    from ..errors import InputError
+    from ..safety import check_shape
+
+    if not isinstance(shape, list | tuple) or not isinstance(dtype, bytes) or not isinstance(buf, bytes):
+        raise ValueError("malformed array header")
+    try:
+        dims = check_shape(shape, name="array")
+    except InputError as exc:
+        raise ValueError(exc.message) from exc
+    name = dtype.decode("ascii", "replace")
+    if name == "bfloat16":
+        itemsize = 2
+    else:
+        try:
+            np_dtype = _np_dtype(name)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"unknown dtype {name!r}") from exc
+        if np_dtype.kind not in "biufc" or np_dtype.names is not None:
+            raise ValueError(f"array dtype {name!r} is not numeric")
+        itemsize = np_dtype.itemsize
+    if len(buf) != int(np.prod(dims, dtype=np.float64)) * itemsize:
+        raise ValueError(f"array data holds {len(buf)} bytes, not shape {list(dims)} x {name}")
+    return _Leaf(dims, name, bytes(buf))
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     import msgpack
 
     if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
         shape, dtype, buf = msgpack.unpackb(data, raw=True)
-        return _Leaf(tuple(int(d) for d in shape), dtype.decode(), bytes(buf))
+        return _checked_leaf(shape, dtype, buf)
     if code == _EXT_COMPLEX:
         re, im = msgpack.unpackb(data)
         return complex(re, im)
@@ -210,6 +238,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
     leaves: dict[str, _Leaf] = {}
     kinds: dict[str, TensorKind] = {}
     optimizer: list[str] = []
+    opt_leaves: dict[str, Callable[[], np.ndarray]] = {}  # read only if the step angle is asked for
     hyper: dict[str, float] = {}
     for name, value in flat:
         if not isinstance(value, _Leaf):
@@ -217,6 +246,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         kind = pytree_kind(name, has_params)
         if kind is None:
             optimizer.append(name)
+            opt_leaves[name] = value.array
             if value.shape == () and is_optax_hyperparam(name):
                 hyper[name] = float(value.array())
             continue
@@ -239,4 +269,11 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         hparams={n: hp for n, k in kinds.items() if k == "parameter"} if hp else {},
         hparams_source=hp.source if hp else None,
         metadata=metadata,
+        optimizer_state=_optimizer_loader(opt_leaves, [n for n, k in kinds.items() if k == "parameter"], hp),
     )
+
+
+def _optimizer_loader(leaves: dict[str, Callable[[], np.ndarray]], params: list[str], hp: HParams | None) -> Any:
+    from ..measure.step_angle import optax_tree_loader
+
+    return optax_tree_loader(leaves, params, hp)

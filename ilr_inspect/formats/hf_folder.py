@@ -1,4 +1,4 @@
-"""Hugging Face model folders and Trainer ``checkpoint-N/`` folders (formats.md §1.2, §2.1.4).
+"""Hugging Face model folders and Trainer ``checkpoint-N/`` folders (docs/formats.md).
 
 Weights: ``model.safetensors`` (or shards + index), ``adapter_model.safetensors``, ``pytorch_model.bin`` (or
 shards + index). Trainer extras: ``trainer_state.json`` (step, logged lr), ``optimizer.pt`` (per-group lr/wd/betas,
@@ -8,7 +8,6 @@ TrainingArguments and is read only with ``trust_pickle``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,9 @@ def sniff(path: Path) -> bool:
 
 
 def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"cannot parse {p.name} ({exc})", hint="the file is damaged; re-save it",
-                                     path=p) from exc
+    from ..safety import load_json  # size and nesting limits (docs/security.md)
+
+    return load_json(p, what=p.name)
 
 
 def _weight_map(index: Path) -> dict[str, Path]:
@@ -54,6 +51,10 @@ def _weight_map(index: Path) -> dict[str, Path]:
     wm = data.get("weight_map") if isinstance(data, Mapping) else None
     if not isinstance(wm, Mapping) or not wm:
         raise CorruptCheckpointError("the index has no weight_map", hint="re-save the model", path=index)
+    from ..safety import ensure_inside
+
+    for v in dict.fromkeys(map(str, wm.values())):  # a shard leaving the folder is refused (docs/security.md)
+        ensure_inside(index.parent / v, index.parent, what="shard")
     return {str(k): index.parent / str(v) for k, v in wm.items()}
 
 
@@ -129,8 +130,9 @@ def _trainer_state(path: Path, meta: dict[str, Any]) -> int | None:
 def _hparams(path: Path, options: OpenOptions, src: TensorSource, ordered: bool,
              meta: dict[str, Any]) -> dict[str, HParams]:
     from . import _torchutil as tu
+    from .torch_pickle import step_from_optimizer_state
 
-    opt = path / "optimizer.pt"
+    opt = optimizer_file(path)
     if not opt.is_file():
         return {}
     try:
@@ -138,18 +140,32 @@ def _hparams(path: Path, options: OpenOptions, src: TensorSource, ordered: bool,
     except IlrError as exc:  # weights stay readable; say why the hyperparameters are missing
         meta["hparams_error"] = f"{exc.render()}" + (f" (hint: {exc.hint})" if exc.hint else "")
         return {}
-    got, err = tu.map_optimizer(osd, src.infos(), label="optimizer.pt", path=opt, names_ordered=ordered)
+    got, err = tu.map_optimizer(osd, src.infos(), label=opt.name, path=opt, names_ordered=ordered)
     if err:
         meta["hparams_error"] = err
-    sched = path / "scheduler.pt"
+    updates = step_from_optimizer_state(osd)
+    if updates is not None:
+        meta["optimizer_updates"] = updates
+    sched = scheduler_file(path)
     if sched.is_file():
         try:
             s = tu.load(sched, trust=False, what="scheduler state")
             if isinstance(s, Mapping) and "_last_lr" in s:
                 meta["scheduler_last_lr"] = [float(x) for x in s["_last_lr"]]
+            if isinstance(s, Mapping) and isinstance(s.get("last_epoch"), int):
+                meta["scheduler_last_epoch"] = int(s["last_epoch"])  # scheduler.step() calls
         except IlrError as exc:
             meta["scheduler_error"] = exc.render()
     return got
+
+
+def optimizer_file(path: Path) -> Path:
+    """The Trainer's ``optimizer.pt``, else Accelerate ``save_state``'s ``optimizer.bin``."""
+    return next((path / n for n in ("optimizer.pt", "optimizer.bin") if (path / n).is_file()), path / "optimizer.pt")
+
+
+def scheduler_file(path: Path) -> Path:
+    return next((path / n for n in ("scheduler.pt", "scheduler.bin") if (path / n).is_file()), path / "scheduler.pt")
 
 
 def _training_args(path: Path, options: OpenOptions, meta: dict[str, Any]) -> None:
@@ -185,13 +201,38 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
             meta["model_type"] = cfg.get("model_type")
             meta["architectures"] = cfg.get("architectures")
             meta["config"] = dict(cfg)
-    step = _trainer_state(path, meta)
-    if step is None:
-        from .safetensors_file import step_from_metadata
+    from .safetensors_file import epoch_from_metadata, metadata_hparams, step_from_metadata
 
-        step = step_from_metadata(meta.get("safetensors_metadata", {}))
+    step = _trainer_state(path, meta)
+    st_meta = meta.get("safetensors_metadata", {})
+    if step is None:
+        step = step_from_metadata(st_meta)
+    if "epoch" not in meta and epoch_from_metadata(st_meta) is not None:
+        meta["epoch"] = epoch_from_metadata(st_meta)
     hparams = _hparams(path, options, src, ordered, meta)
+    if step is None and meta.get("optimizer_updates") is not None:
+        # Accelerate save_state keeps no step: Adam-family optimizers count their updates.
+        step = int(meta["optimizer_updates"])
+        meta["step_from"] = f"{optimizer_file(path).name} (number of optimizer updates)"
+    elif step is None and meta.get("scheduler_last_epoch") is not None and meta["scheduler_last_epoch"] > 0:
+        step = int(meta["scheduler_last_epoch"])
+        meta["step_from"] = f"{scheduler_file(path).name} last_epoch (scheduler steps)"
+        meta.setdefault("warnings", []).append(
+            f"step {step} read from {scheduler_file(path).name} (the number of scheduler.step() calls): right when "
+            "the scheduler steps once per optimizer update, as Accelerate's prepared schedulers do")
+    from_meta = metadata_hparams(st_meta, src.infos())
+    if from_meta:  # the optimizer state wins field by field; the metadata fills what it lacks
+        hparams = {n: hparams[n].merged(hp) if n in hparams else hp for n, hp in from_meta.items()}
     _training_args(path, options, meta)
     return Checkpoint(path=path, format=NAME, source=src, step=step,
                       step_source="contents" if step is not None else "order",
-                      hparams=hparams, hparams_source="optimizer" if hparams else None, metadata=meta)
+                      hparams=hparams, hparams_source=next(iter(hparams.values())).source if hparams else None,
+                      metadata=meta,
+                      optimizer_state=_optimizer_loader(path, options, src, ordered))
+
+
+def _optimizer_loader(path: Path, options: OpenOptions, src: TensorSource, ordered: bool) -> Any:
+    from ..measure.step_angle import torch_file_loader
+
+    return torch_file_loader(optimizer_file(path), src.infos(), scheduler_file=scheduler_file(path),
+                             names_ordered=ordered, trust=options.trust_pickle)

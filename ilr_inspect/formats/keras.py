@@ -18,11 +18,11 @@ Legacy Keras 2 ``.h5`` files (``layer_names``/``weight_names`` attributes) are r
 from __future__ import annotations
 
 import io
-import json
 import re
 import struct
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,13 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, HParams, TensorInfo, TensorKind, guess_kind
 from ..errors import CorruptCheckpointError, InputError, require
-from . import OpenOptions
+from . import ZIP_MAGIC, OpenOptions
 from .flax_msgpack import widen
 
 NAME = "keras"
 EXTRA: str | None = "keras"
 
-_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_MAGIC = ZIP_MAGIC
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _WEIGHTS_MEMBER = "model.weights.h5"
 _BUFFER_ROLES = frozenset({"moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev",
@@ -163,7 +163,9 @@ def _member_stream(path: Path, zf: zipfile.ZipFile, member: str) -> io.IOBase:
             raise CorruptCheckpointError(f"bad zip entry for {member}", hint="re-save the model", path=path)
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         return _Window(path, info.header_offset + 30 + name_len + extra_len, info.file_size)
-    return io.BytesIO(zf.read(member))  # recompressed by some tool: seeking needs it in memory
+    from ..safety import zip_member_bytes  # declared size and ratio checked before inflating (zip bombs)
+
+    return io.BytesIO(zip_member_bytes(zf, member, path=path))  # recompressed by some tool: needs it in memory
 
 
 class _H5Source:
@@ -331,6 +333,7 @@ def _optimizer(h5: Any, compile_cfg: Mapping[str, Any] | None) -> tuple[dict[str
         lr_is_schedule = isinstance(conf.get("learning_rate"), Mapping)
         if not lr_is_schedule and "1" in group and group["1"].shape == () and np.dtype(group["1"].dtype).kind == "f":
             lr = float(group["1"][()])
+            meta["lr_from_state"] = True
     if isinstance(conf.get("learning_rate"), Mapping):
         meta["learning_rate_schedule"] = conf["learning_rate"]
     if cls is None and group is None:
@@ -362,6 +365,77 @@ def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _epoch_from_name(path: Path, step: int | None) -> int | None:
+    """The epoch ModelCheckpoint put in the name (``weights.{epoch:02d}.weights.h5``): the one number in it, when
+    the stored iteration count is a multiple of it (a number equal to the step is the step, not an epoch)."""
+    nums = re.findall(r"\d+", path.name.removesuffix(".weights.h5").removesuffix(".keras").removesuffix(".h5"))
+    if step is None or len(nums) != 1:
+        return None
+    n = int(nums[0])
+    return n if 0 < n != step and step % n == 0 else None
+
+
+_NON_OPTIMIZER_KEYS = frozenset({"name", "learning_rate"})
+
+
+def _run_compile_config(path: Path, h5: Any, metadata: dict[str, Any]) -> Mapping[str, Any] | None:
+    """The compile config of the run's ``.keras`` beside the weight file or one folder up (``model.save`` at the
+    end of a run that checkpointed with ``save_weights_only=True``), when it describes this model and optimizer.
+
+    A bare ``.weights.h5`` holds the iteration count and the current lr, not momentum or weight decay. Accepted only
+    when the archive's layers are this file's layers and its optimizer has this file's optimizer name; several
+    candidates that disagree on the optimizer config are not used (noted).
+    """
+    from .. import safety
+
+    opt_group = h5.get("optimizer/vars")
+    want_name = opt_group.attrs.get("name") if opt_group is not None else None
+    want_name = want_name.decode() if isinstance(want_name, bytes) else want_name
+    layers = set()
+    if "layers" in h5:
+        for g in h5["layers"].values():
+            attr = g["vars"].attrs.get("name") if "vars" in g else None
+            if attr is not None and "vars" in g and len(g["vars"]):
+                layers.add(attr.decode() if isinstance(attr, bytes) else str(attr))
+    for folder in (path.parent, path.parent.parent):
+        if folder == path.parent.parent and folder == path.parent:
+            break
+        found: list[tuple[str, Mapping[str, Any]]] = []
+        try:
+            candidates = sorted(folder.glob("*.keras"))[:20]
+        except OSError:
+            continue
+        for cand in candidates:
+            if not safety.regular_file(cand):
+                continue
+            try:
+                with zipfile.ZipFile(cand) as zf:
+                    cfg = safety.load_json(safety.zip_member_bytes(zf, "config.json", path=cand), path=cand)
+            except Exception:  # an unreadable neighbour is no reason to fail this checkpoint
+                continue
+            ccfg = cfg.get("compile_config") if isinstance(cfg, Mapping) else None
+            ocfg = ccfg.get("optimizer") if isinstance(ccfg, Mapping) else None
+            conf = ocfg.get("config") if isinstance(ocfg, Mapping) else None
+            if not isinstance(ccfg, Mapping) or not isinstance(conf, Mapping) or (
+                    want_name is not None and conf.get("name") != want_name):
+                continue
+            names = {full.rsplit("/", 1)[-1] for full, _, _, _ in _config_layers(cfg.get("config"))}
+            if layers and not layers <= names:
+                continue
+            found.append((cand.name if folder == path.parent else f"../{cand.name}", ccfg))
+        if not found:
+            continue
+        strip = [{k: v for k, v in c["optimizer"]["config"].items() if k not in _NON_OPTIMIZER_KEYS} for _, c in found]
+        if any(x != strip[0] for x in strip[1:]):
+            metadata.setdefault("warnings", []).append(
+                "several .keras files next to the weights describe this model with different optimizer settings ("
+                + ", ".join(n for n, _ in found) + "); momentum and weight decay not taken from any")
+            return None
+        metadata["compile_config_from"] = found[0][0]
+        return found[0][1]
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- Keras 2
 
 def _strs(values: Any) -> list[str]:
@@ -389,12 +463,10 @@ def _read_keras2(h5: Any) -> tuple[dict[str, str], list[TensorInfo]]:
 def _json_member(path: Path, zf: zipfile.ZipFile, member: str) -> Any:
     if member not in zf.namelist():
         return None
-    try:
-        return json.loads(zf.read(member))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"{member} is not valid JSON ({exc})", hint="re-save the model", path=path
-        ) from exc
+    from ..safety import load_json, zip_member_bytes  # declared-size, ratio and nesting limits (docs/security.md)
+
+    return load_json(zip_member_bytes(zf, member, max_bytes=64 * 1024 * 1024, path=path), path=path,
+                     what=f"archive member {member}", max_depth=256)
 
 
 def open(path: Path, options: OpenOptions) -> Checkpoint:
@@ -428,6 +500,13 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         ) from exc
     try:
         return _open_h5(path, h5, config, metadata, stream)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # h5py on damaged object headers
+        h5.close()
+        if stream is not None:
+            stream.close()
+        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CorruptCheckpointError(f"cannot read the Keras file ({why})",
+                                     hint="the file may be truncated or damaged; re-save it", path=path) from exc
     except BaseException:
         h5.close()
         if stream is not None:
@@ -436,6 +515,9 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
 
 
 def _open_h5(path: Path, h5: Any, config: Any, metadata: dict[str, Any], stream: io.IOBase | None) -> Checkpoint:
+    from ..safety import check_hdf5
+
+    check_hdf5(h5, path)  # no external links / external storage / virtual datasets (docs/security.md)
     legacy_root = h5.get("model_weights", h5)
     if "layer_names" in legacy_root.attrs:
         datasets, infos = _read_keras2(h5)
@@ -452,8 +534,20 @@ def _open_h5(path: Path, h5: Any, config: Any, metadata: dict[str, Any], stream:
     metadata.update(meta)
     metadata["layout"] = "keras3"
     compile_cfg = config.get("compile_config") if isinstance(config, Mapping) else None
+    if compile_cfg is None and config is None and "optimizer" in h5:
+        compile_cfg = _run_compile_config(path, h5, metadata)
     opt_meta, step, hp = _optimizer(h5, compile_cfg)
     metadata.update(opt_meta)
+    if hp is not None and metadata.get("compile_config_from"):
+        # Which file each value came from: iterations and the current lr are the weight file's own optimizer
+        # variables; momentum / weight decay / the optimizer class only exist in the run's .keras.
+        src = f"keras:compile_config({metadata['compile_config_from']})"
+        hp = replace(hp, source=f"keras:optimizer_state+{src}")
+        metadata["hparam_sources"] = {"lr": "keras:optimizer_state" if opt_meta.get("lr_from_state") else src,
+                                      "weight_decay": src, "momentum": src, "optimizer": src}
+    epoch = _epoch_from_name(path, step)
+    if epoch is not None and step is not None:
+        metadata["epoch"], metadata["steps_per_epoch"] = epoch, step // epoch
     if frozen:
         metadata["frozen"] = frozen
     hparams = {}
@@ -468,4 +562,11 @@ def _open_h5(path: Path, h5: Any, config: Any, metadata: dict[str, Any], stream:
         hparams=hparams,
         hparams_source=hp.source if hp is not None else None,
         metadata=metadata,
+        optimizer_state=_optimizer_loader(h5, infos, hp),
     )
+
+
+def _optimizer_loader(h5: Any, infos: list[TensorInfo], hp: HParams | None) -> Any:
+    from ..measure.step_angle import keras_h5_loader
+
+    return keras_h5_loader(h5, infos, hp)

@@ -1,4 +1,4 @@
-"""PyTorch Lightning ``.ckpt`` files (formats.md §2.1.3).
+"""PyTorch Lightning ``.ckpt`` files (docs/formats.md).
 
 Names keep the LightningModule attribute path (``model.0.weight``); the optimizer mapping tries both the whole
 module and each top-level attribute, so ``SGD(self.model.parameters())`` maps as well as ``self.parameters()``.
@@ -60,6 +60,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
 
     hparams: dict[str, HParams] = {}
     errors: list[str] = []
+    clash = False
     opts = obj.get("optimizer_states")
     if isinstance(opts, list):
         for i, osd in enumerate(opts):
@@ -71,12 +72,21 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
             if overlap:
                 errors.append(f"optimizer_states[{i}] claims parameters another optimizer holds: "
                               + ", ".join(sorted(overlap)[:5]))
+                clash = True
             hparams.update(got)
-    if errors:
+    if errors:  # a partial mapping keeps what is determined; clashing optimizers keep nothing
         meta["hparams_error"] = "; ".join(errors)
-        hparams = {}
+        if clash:
+            hparams = {}
     return Checkpoint(
         path=path, format=NAME, source=source, step=step,
         step_source="contents" if step is not None else "order",
         hparams=hparams, hparams_source="optimizer" if hparams else None, metadata=meta,
+        optimizer_state=_optimizer_loader(obj, infos, path),
     )
+
+
+def _optimizer_loader(obj: Any, infos: Any, path: Path) -> Any:
+    from ..measure.step_angle import torch_lightning_loader
+
+    return torch_lightning_loader(obj, infos, path=path)

@@ -6,7 +6,6 @@ arrays would need pickle to load and are refused.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,12 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, TensorInfo, guess_kind
 from ..errors import CorruptCheckpointError, InputError
-from . import OpenOptions
+from . import ZIP_MAGIC, OpenOptions
 
 NAME = "npz"
 EXTRA: str | None = None
 
-_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_MAGIC = ZIP_MAGIC
 
 
 def sniff(path: Path) -> bool:
@@ -48,11 +47,11 @@ class NpzSource:
         self._file = path.open("rb")
         try:
             self._npz: Any = np.load(self._file, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # OSError/ValueError/BadZipFile/EOFError on a damaged zip directory
             self._file.close()
             raise CorruptCheckpointError(
-                f"cannot read the .npz archive ({exc})", hint="the file may be truncated; re-save it", path=path
-            ) from exc
+                f"cannot read the .npz archive ({_short(exc)})", hint="the file may be truncated; re-save it",
+                path=path) from exc
         if not hasattr(self._npz, "files"):  # np.load returned a single array: a .npy renamed to .npz
             self._file.close()
             raise InputError("not an .npz archive (a single .npy array)", hint="rename it to .npy", path=path)
@@ -63,20 +62,37 @@ class NpzSource:
             raise
 
     def _headers(self) -> list[TensorInfo]:
+        from ..safety import check_shape, check_zip_member
+
         infos: list[TensorInfo] = []
+        self.skipped: list[str] = []
         for name in self._npz.files:
             try:
+                info = self._npz.zip.getinfo(f"{name}.npy")
+                check_zip_member(info, path=self.path)  # declared size and ratio, before inflating anything
                 shape, dtype = _header(self._npz, name)
-            except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            except InputError:
+                raise
+            except Exception as exc:  # numpy raises ValueError/SyntaxError, zlib its own error, on damage
                 raise CorruptCheckpointError(
-                    f"malformed header for array {name!r} ({exc})", hint="re-save the file", path=self.path
+                    f"malformed header for array {name!r} ({_short(exc)})", hint="re-save the file", path=self.path
                 ) from exc
+            shape = check_shape(shape, name=name, path=self.path)
             if dtype.hasobject:
                 raise InputError(
                     f"array {name!r} holds Python objects, which need pickle to load",
                     hint="re-save it with numeric arrays only (np.savez of float/int arrays)",
                     path=self.path,
                 )
+            if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biufc":
+                # Structured/compound, string, datetime… arrays have no norm; named, never dropped silently.
+                self.skipped.append(f"array {name!r} skipped: dtype {dtype} is not a numeric tensor")
+                continue
+            need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if need > info.file_size:
+                raise CorruptCheckpointError(
+                    f"array {name!r} declares {need} bytes of data but its member holds {info.file_size}",
+                    hint="the file is truncated or damaged; re-save it", path=self.path)
             infos.append(TensorInfo(name, shape, str(dtype), guess_kind(name)))
         return infos
 
@@ -86,16 +102,28 @@ class NpzSource:
     def read(self, name: str) -> np.ndarray:
         try:
             return np.asarray(self._npz[name])
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        except Exception as exc:  # ValueError/OSError/BadZipFile/EOFError/zlib.error from a damaged member
             raise CorruptCheckpointError(
-                f"cannot read array {name!r} ({exc})", hint="the file may be truncated; re-save it", path=self.path
-            ) from exc
+                f"cannot read array {name!r} ({_short(exc)})", hint="the file may be truncated; re-save it",
+                path=self.path) from exc
 
     def close(self) -> None:
         self._npz.close()
         self._file.close()
 
 
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
 def open(path: Path, options: OpenOptions) -> Checkpoint:
     source = NpzSource(path)
-    return Checkpoint(path=path, format=NAME, source=source, metadata={"arrays": len(source.infos())})
+    meta: dict[str, Any] = {"arrays": len(source.infos())}
+    if source.skipped:
+        meta["warnings"] = list(source.skipped)
+    if not source.infos():
+        source.close()
+        raise InputError("no numeric arrays in this .npz", hint="; ".join(source.skipped) or "it is empty",
+                         path=path)
+    return Checkpoint(path=path, format=NAME, source=source, metadata=meta)

@@ -13,11 +13,19 @@ arbitrary files).
 
 The step is the folder's number (what ``CheckpointManager`` records); it counts as read from the contents only when
 the tree itself stores the same ``step`` (e.g. a Flax ``TrainState``).
+
+Hyperparameters, each field from the first of (docs/formats.md): an optimizer item (``opt_state``, ``optimizer``…)
+or ``opt_state`` subtree whose ``optax.inject_hyperparams`` state keeps ``hyperparams/learning_rate`` etc. (the
+values the last update used); the step's ``_CHECKPOINT_METADATA`` ``custom_metadata`` (``save(...,
+custom_metadata=...)``); the run's ``<root>/metadata/_ROOT_METADATA`` ``custom_metadata``
+(``CheckpointManager(..., metadata=...)``). Metadata keys are matched like sidecar files (``lr``/
+``learning_rate``, ``weight_decay``/``wd``, ``momentum``/``b1``, ``optimizer``…); an optimizer name sets the
+weight-decay mode (optax ``adamw`` decays decoupled, ``add_decayed_weights`` before ``sgd`` is coupled).
+``metadata['hparam_sources']`` names the source of each field.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, StepSource, TensorInfo, TensorKind
-from ..errors import CorruptCheckpointError, InputError, require
+from .. import safety
+from ..checkpoint import Checkpoint, HParams, StepSource, TensorInfo, TensorKind
+from ..errors import CorruptCheckpointError, IlrError, InputError, require
 from . import OpenOptions
-from .flax_msgpack import is_optax_hyperparam, optax_hparams, pytree_kind, stored_step, widen
+from .flax_msgpack import OPTIMIZER_KEYS, is_optax_hyperparam, optax_hparams, pytree_kind, stored_step, widen
 
 NAME = "orbax"
 EXTRA: str | None = "jax"
@@ -85,7 +94,9 @@ def _item_folders(path: Path) -> list[Path]:
 
 def _load_metadata(item: Path) -> Mapping[str, Any]:
     try:
-        meta = json.loads((item / "_METADATA").read_text())
+        from ..safety import load_json  # size/nesting limits (docs/security.md)
+
+        meta = load_json(item / "_METADATA", what="_METADATA")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(
             f"cannot read {item.name}/_METADATA ({exc})", hint="the checkpoint may be incomplete", path=item
@@ -164,12 +175,14 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         use_zarr3 = bool(meta.get("use_zarr3", False))
         leaves = _leaves(item, meta)
         has_params = any(keys[0] == "params" for keys, _ in leaves)
+        optimizer_item = item.name in OPTIMIZER_KEYS  # Composite(..., opt_state=StandardSave(opt_state))
         for keys, _vtype in leaves:
             tree_name = "/".join(keys)
             display = tree_name if single else f"{item.name}/{tree_name}"
             spec = _spec(item, ".".join(keys), use_ocdbt, use_zarr3)
             future = ts.open(spec, read=True, context=context)
-            pending.append((display, tree_name, pytree_kind(tree_name, has_params), future))
+            kind = None if optimizer_item else pytree_kind(tree_name, has_params)
+            pending.append((display, tree_name, kind, future))
     arrays: dict[str, Any] = {}
     infos: list[TensorInfo] = []
     optimizer = 0
@@ -212,8 +225,75 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
             metadata.setdefault("warnings", []).append(
                 f"the folder says step {step} but the tree stores step {stored}; using the folder's"
             )
-    hp = optax_hparams(hyper)
+    hp = _combine(optax_hparams(hyper), _custom_hparams(path, metadata), metadata)
     return Checkpoint(path=path, format=NAME, source=OrbaxSource(path, arrays, infos), step=step,
                       step_source=step_source, metadata=metadata,
                       hparams={t.name: hp for t in infos if t.kind == "parameter"} if hp else {},
                       hparams_source=hp.source if hp else None)
+
+
+def _custom_metadata(file: Path, what: str, metadata: dict[str, Any]) -> Mapping[str, Any] | None:
+    if not safety.regular_file(file):
+        return None
+    try:
+        data = safety.load_json(file, what=what)
+    except IlrError as exc:  # weights stay readable; the note says why these values are missing
+        metadata.setdefault("warnings", []).append(f"{what} not read: {exc.message}")
+        return None
+    custom = data.get("custom_metadata") if isinstance(data, Mapping) else None
+    return custom if isinstance(custom, Mapping) and custom else None
+
+
+def _custom_hparams(path: Path, metadata: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Canonical hyperparameters from the step's and the run's Orbax custom metadata, most specific first."""
+    from ..logs import sidecar
+
+    found: list[tuple[str, dict[str, Any]]] = []
+    for source, file, what in (
+        ("orbax:step_metadata", path / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA"),
+        ("orbax:root_metadata", path.parent / "metadata" / "_ROOT_METADATA", "metadata/_ROOT_METADATA"),
+    ):
+        custom = _custom_metadata(file, what, metadata)
+        if custom is None:
+            continue
+        metadata[source.split(":", 1)[1]] = dict(custom)
+        values, _notes = sidecar.extract(dict(custom))
+        if source == "orbax:step_metadata" and isinstance(custom.get("epoch"), int):
+            metadata.setdefault("epoch", custom["epoch"])
+        if values:
+            found.append((source, values))
+    return found
+
+
+_FIELDS = ("lr", "weight_decay", "momentum", "beta2", "eps")
+
+
+def _combine(optax: HParams | None, custom: list[tuple[str, dict[str, Any]]],
+             metadata: dict[str, Any]) -> HParams | None:
+    """Each field from the first source that has it: inject_hyperparams, then step, then run metadata."""
+    from ..logs.tags import optimizer_family, wd_mode_of
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if optax is not None:
+        for f in _FIELDS:
+            if getattr(optax, f) is not None:
+                values[f], origin[f] = getattr(optax, f), optax.source
+    for source, found in custom:
+        for f in (*_FIELDS, "optimizer"):
+            v = found.get(f)
+            if f not in values and v is not None and (f == "optimizer" or isinstance(v, int | float)):
+                values[f], origin[f] = (str(v) if f == "optimizer" else float(v)), source
+    if not values:
+        return None
+    family = optimizer_family(values["optimizer"]) if "optimizer" in values else None
+    mode = wd_mode_of(family)
+    metadata["hparam_sources"] = dict(origin)
+    if mode is not None:
+        metadata["hparam_sources"]["wd_mode"] = origin["optimizer"]
+    sources = list(dict.fromkeys(origin.values()))
+    return HParams(
+        lr=values.get("lr"), weight_decay=values.get("weight_decay"), momentum=values.get("momentum"),
+        beta2=values.get("beta2"), eps=values.get("eps"), optimizer=values.get("optimizer"), wd_mode=mode,
+        source="+".join(sources), lr_timing="used",
+    )

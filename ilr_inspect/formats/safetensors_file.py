@@ -1,4 +1,4 @@
-"""A single ``.safetensors`` file, and the lazy source shared with sharded HF folders (formats.md §2.1.5).
+"""A single ``.safetensors`` file, and the lazy source shared with sharded HF folders (docs/formats.md).
 
 ``safe_open`` parses and validates only the JSON header. Tensors of a dtype NumPy has are then returned as
 zero-copy views of a private (copy-on-write) memory map of the file, at the offsets the header gives: reading
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import mmap
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, TensorInfo, TensorKind, guess_kind
+from ..checkpoint import Checkpoint, HParams, TensorInfo, TensorKind, WdMode, guess_kind
 from ..errors import CorruptCheckpointError, InputError
 from . import OpenOptions
 
@@ -163,10 +165,100 @@ class SafetensorsSource:
 
 
 def step_from_metadata(meta: Mapping[str, str]) -> int | None:
-    for k in ("step", "global_step"):
+    for k in ("step", "global_step", "ss_steps"):
         v = meta.get(k)
         if v is not None and str(v).strip().lstrip("-").isdigit():
             return int(v)
+    return None
+
+
+# ``__metadata__`` keys scripts use for hyperparameters (lower-cased, kohya's ``ss_`` prefix stripped).
+_META_KEYS: dict[str, tuple[str, ...]] = {
+    "lr": ("lr", "learning_rate", "base_lr"),
+    "weight_decay": ("weight_decay", "wd"),
+    "momentum": ("momentum", "beta1", "adam_beta1"),
+    "beta2": ("beta2", "adam_beta2"),
+    "eps": ("eps", "adam_epsilon", "epsilon"),
+    "optimizer": ("optimizer", "optimizer_name", "optimizer_type", "optim", "opt"),
+}
+# Optimizer family → (name shown, how weight decay is applied); see docs/formats.md "Hyperparameters".
+_FAMILIES: dict[str, tuple[str, WdMode]] = {
+    "adamw": ("AdamW", "decoupled"), "adam": ("Adam", "coupled"), "sgdw": ("SGDW", "decoupled"),
+    "sgd": ("SGD", "coupled"), "lion": ("Lion", "decoupled"), "rmsprop": ("RMSprop", "coupled"),
+    "adagrad": ("Adagrad", "coupled"),
+}
+_KWARG = re.compile(r"(\w+)\s*=\s*(\([^)]*\)|\[[^\]]*\]|[^,()\s]+)")
+
+
+def _num(text: Any) -> float | None:
+    try:
+        v = float(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _pair(text: Any) -> tuple[float | None, float | None]:
+    """``"[0.9, 0.999]"`` (JSON) or ``"(0.9, 0.999)"`` → (β1, β2)."""
+    parts = [p for p in re.split(r"[\s,()\[\]]+", str(text)) if p]
+    if len(parts) != 2:
+        return None, None
+    return _num(parts[0]), _num(parts[1])
+
+
+def optimizer_mode(name: str) -> tuple[str, WdMode | None]:
+    """``torch.optim.AdamW`` / ``adamw_torch`` / ``SGD`` → (display name, weight-decay mode or None)."""
+    leaf = name.strip().split("(", 1)[0].rsplit(".", 1)[-1].strip().lower()
+    for fam in ("adamw", "adam", "sgdw", "sgd", "lion", "rmsprop", "adagrad"):
+        if leaf.startswith(fam) or leaf.endswith(fam):
+            return _FAMILIES[fam]
+    return name.strip().split("(", 1)[0].rsplit(".", 1)[-1].strip() or name, None
+
+
+def hparams_from_metadata(meta: Mapping[str, str]) -> HParams | None:
+    """Hyperparameters a training script stored as ``__metadata__`` strings (``lr``, ``weight_decay``/``wd``,
+    ``momentum``, ``betas`` as a JSON list, ``beta1``/``beta2``, ``optimizer``, kohya's ``ss_*``), or None."""
+    flat = {k.lower().removeprefix("ss_"): v for k, v in meta.items() if isinstance(v, str)}
+    values: dict[str, Any] = {}
+    for fld, keys in _META_KEYS.items():
+        raw = next((flat[k] for k in keys if k in flat), None)
+        if raw is not None:
+            values[fld] = raw.strip() if fld == "optimizer" else _num(raw)
+    if "betas" in flat:
+        b1, b2 = _pair(flat["betas"])
+        values.setdefault("momentum", b1)
+        values.setdefault("beta2", b2)
+    name = values.get("optimizer")
+    family: tuple[str | None, WdMode | None] = optimizer_mode(name) if name else (None, None)
+    if name and "(" in name:  # "torch.optim.AdamW(weight_decay=0.01,betas=(0.9,0.999))"
+        for raw_key, val in _KWARG.findall(name.split("(", 1)[1]):
+            key = str(raw_key).lower()
+            if key == "betas":
+                b1, b2 = _pair(val)
+                values.setdefault("momentum", b1)
+                values.setdefault("beta2", b2)
+            else:
+                target = next((f for f, ks in _META_KEYS.items() if key in ks and f != "optimizer"), None)
+                if target is not None and values.get(target) is None:
+                    values[target] = _num(val)
+    if not any(values.get(f) is not None for f in ("lr", "weight_decay", "momentum", "beta2", "optimizer")):
+        return None
+    return HParams(lr=values.get("lr"), weight_decay=values.get("weight_decay"), momentum=values.get("momentum"),
+                   beta2=values.get("beta2"), eps=values.get("eps"), optimizer=family[0], wd_mode=family[1],
+                   source="safetensors:metadata", lr_timing="next")
+
+
+def metadata_hparams(meta: Mapping[str, str], infos: list[TensorInfo]) -> dict[str, HParams]:
+    """The metadata hyperparameters for every trainable parameter (they name no parameter groups)."""
+    hp = hparams_from_metadata(meta)
+    return {} if hp is None else {i.name: hp for i in infos if i.kind == "parameter"}
+
+
+def epoch_from_metadata(meta: Mapping[str, str]) -> int | float | None:
+    for k in ("epoch", "ss_epoch"):
+        v = _num(meta.get(k)) if meta.get(k) is not None else None
+        if v is not None:
+            return int(v) if v.is_integer() else v
     return None
 
 
@@ -183,5 +275,10 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
     source = SafetensorsSource([path])
     meta: dict[str, Any] = {"safetensors_metadata": dict(source.metadata)}
     step = step_from_metadata(source.metadata)
+    epoch = epoch_from_metadata(source.metadata)
+    if epoch is not None:
+        meta["epoch"] = epoch
+    hparams = metadata_hparams(source.metadata, source.infos())
     return Checkpoint(path=path, format=NAME, source=source, step=step,
-                      step_source="contents" if step is not None else "order", metadata=meta)
+                      step_source="contents" if step is not None else "order", hparams=hparams,
+                      hparams_source="safetensors:metadata" if hparams else None, metadata=meta)

@@ -1,4 +1,4 @@
-"""``torch.save`` files: bare state dicts and full training checkpoints (formats.md §2.1.1, §2.1.2, §2.1.8)."""
+"""``torch.save`` files: bare state dicts and full training checkpoints (docs/formats.md)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,27 @@ def select_weights(obj: Any, path: Path, options: OpenOptions) -> tuple[Mapping[
     return obj[best[1]], best[1]
 
 
+def step_from_optimizer_state(opt_sd: Any) -> int | None:
+    """The number of optimizer updates a torch optimizer state dict records (Adam-family ``state[i]["step"]``),
+    or None when it keeps no counter (SGD) or the counters disagree beyond parameters skipped for lack of grads
+    (the largest is the number of steps)."""
+    state = opt_sd.get("state") if isinstance(opt_sd, Mapping) else None
+    if not isinstance(state, Mapping):
+        return None
+    counts: list[float] = []
+    for entry in state.values():
+        v = entry.get("step") if isinstance(entry, Mapping) else None
+        if v is None:
+            continue
+        try:
+            v = float(v.item() if hasattr(v, "item") else v)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if v >= 0 and v.is_integer():
+            counts.append(v)
+    return int(max(counts)) if counts else None
+
+
 def checkpoint_from_object(obj: Any, path: Path, options: OpenOptions, *, format_name: str) -> Checkpoint:
     from . import _torchutil as tu
 
@@ -116,13 +137,24 @@ def checkpoint_from_object(obj: Any, path: Path, options: OpenOptions, *, format
             if isinstance(obj.get(k), Mapping) and "param_groups" in obj[k]:
                 hparams, err = tu.map_optimizer(obj[k], infos, label=f"optimizer state '{k}'", path=path)
                 meta["optimizer_key"] = k
-                if err:
+                if step is None:  # timm & co. store the epoch, not the step: Adam counts its own updates
+                    step = step_from_optimizer_state(obj[k])
+                    if step is not None:
+                        meta["step_from"] = f"optimizer state '{k}' (number of updates)"
+                if err:  # a partial mapping keeps what is determined, with the note
                     meta["hparams_error"] = err
-                else:
+                if hparams:
                     hsrc = "optimizer"
                 break
     return Checkpoint(
         path=path, format=format_name, source=source, step=step,
         step_source="contents" if step is not None else "order",
         hparams=hparams, hparams_source=hsrc, metadata=meta,
+        optimizer_state=_optimizer_loader(obj, meta.get("optimizer_key"), infos, path),
     )
+
+
+def _optimizer_loader(obj: Any, key: str | None, infos: Any, path: Path) -> Any:
+    from ..measure.step_angle import torch_object_loader
+
+    return torch_object_loader(obj, key, infos, path=path)

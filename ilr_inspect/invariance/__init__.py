@@ -1,4 +1,4 @@
-"""Scale-invariant unit detection in tiers (design.md §5): user file > functional > graph > name rules, with a
+"""Scale-invariant unit detection in tiers (docs/theory.md §2): user file > functional > graph > name rules, with a
 trajectory cross-check. ``detect_units`` returns the decisions; ``units`` adds each unit's regime as a Result.
 """
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..measure import Measurement, SeriesLike
+    from ..series import SeriesSource
 
 __all__ = ["Unit", "detect_units", "name_map", "units"]
 
@@ -69,18 +70,33 @@ def _combine(tiers: Sequence[Sequence[Unit]], params: Sequence[str]) -> list[Uni
 
 def detect_units(checkpoint: Checkpoint, *, model: nn.Module | None = None, probe: torch.Tensor | None = None,
                  graph: Any = None, granularity: str = "tensor", units_file: str | Path | None = None,
-                 param_names: Mapping[str, str] | None = None) -> list[Unit]:
+                 param_names: Mapping[str, str] | None = None, config: bool = True,
+                 rotational_default: bool = False) -> list[Unit]:
     """Decide every parameter tensor of ``checkpoint``.
 
     ``model`` (weights loaded) enables the graph tier via torch.fx and, with ``probe``, the functional tier;
     ``graph`` is an :class:`~ilr_inspect.invariance.graph.IGraph` or a path to a ``.pt2`` program;
     ``param_names`` maps the model's parameter names to the checkpoint's (default: exact or unique suffix match).
+    ``config``: without a model or graph, use the description the framework wrote beside the checkpoint
+    (config.json, .keras, args.yaml, ONNX; no user code — docs/units.md). ``rotational_default``: opt in to the
+    Kosson et al. heuristic for tensors no rule decides (otherwise they are ``undetermined``).
     """
     infos = checkpoint.tensors
     params = [n for n, t in infos.items() if t.kind == "parameter" and t.dtype.startswith(("float", "bfloat"))]
     shapes = {n: t.shape for n, t in infos.items()}
     kinds = {n: t.kind for n, t in infos.items()}
-    tiers: list[list[Unit]] = [name_rule_units(shapes, kinds)]
+    rules = name_rule_units(shapes, kinds, rotational_default=rotational_default)
+    tiers: list[list[Unit]] = [rules]
+    if config and model is None and graph is None:
+        from .config_graph import config_evidence
+
+        ev = config_evidence(checkpoint, params)
+        if ev.units:
+            tiers.append(ev.units)
+        elif ev.notes:
+            note = "; ".join(ev.notes)[:300]
+            tiers[0] = [u.with_(reason=f"{u.reason} (config graph: {note})") if u.role == "undetermined" else u
+                        for u in rules]
     graph_tier: list[Unit] = []
     if graph is not None:
         from .graph import IGraph, graph_units, load_exported
@@ -127,20 +143,31 @@ def detect_units(checkpoint: Checkpoint, *, model: nn.Module | None = None, prob
     return [u for u in units_ if any(m in params for m in u.members)]
 
 
-def units(source: SeriesLike | Sequence[str | Path] | str | Path, *, model: nn.Module | None = None,
+def units(source: SeriesSource, *, model: nn.Module | None = None,
           probe: torch.Tensor | None = None, graph: Any = None, granularity: str = "tensor",
-          units_file: str | Path | None = None, quiet: bool = True, open_kwargs: dict[str, Any] | None = None,
+          units_file: str | Path | None = None, quiet: bool = True,
           settings: dict[str, Any] | None = None, measure_regime: bool = True,
-          param_names: Mapping[str, str] | None = None, measurement: Measurement | None = None) -> Result:
-    """The decision table (design.md §4 ``units``): one row per unit with evidence, reason and regime.
+          param_names: Mapping[str, str] | None = None, measurement: Measurement | None = None,
+          **series_kwargs: Any) -> Result:
+    """The decision table (docs/cli.md, ``units``): one row per unit with evidence, reason and regime.
 
     ``measurement``: a pass already made by :func:`ilr_inspect.measure.measure` (the report's); its units and
     regimes are used as they are, so nothing is detected or read again.
     """
-    from ..measure import _series, measure
+    from ..series import borrow
+
+    with borrow(source, **series_kwargs) as series:
+        return _units(series, model=model, probe=probe, graph=graph, granularity=granularity,
+                      units_file=units_file, quiet=quiet, settings=settings, measure_regime=measure_regime,
+                      param_names=param_names, measurement=measurement)
+
+
+def _units(series: SeriesLike, *, model: nn.Module | None, probe: torch.Tensor | None, graph: Any,
+           granularity: str, units_file: str | Path | None, quiet: bool, settings: dict[str, Any] | None,
+           measure_regime: bool, param_names: Mapping[str, str] | None, measurement: Measurement | None) -> Result:
+    from ..measure import measure
     from .trajectory import cross_check
 
-    series = _series(source, dict(open_kwargs or {}))
     if not series.checkpoints:
         from ..errors import EmptySeriesError
 
@@ -166,7 +193,7 @@ def units(source: SeriesLike | Sequence[str | Path] | str | Path, *, model: nn.M
             "evidence": u.evidence, "reason": u.reason, "regime": reg.regime if reg else "undetermined",
             "regime_detail": reg.detail if reg else "not measured",
             "role": u.role, "heuristic": u.heuristic, "confidence": u.confidence, "deviation": u.deviation,
-            "normalizer": u.normalizer, "groups": u.groups, "n_members": len(u.members),
+            "normalizer": u.normalizer, "source": u.source or "", "groups": u.groups, "n_members": len(u.members),
             "trajectory_check": checks.get(u.name, "") if u.scale_invariant else "",
         })
     meta = provenance([c.path for c in series.checkpoints], settings or {})

@@ -1,4 +1,4 @@
-"""The functional tier: scale-invariance by definition (theory.md §12.3, design.md §5).
+"""The functional tier: scale-invariance by definition (docs/theory.md §2).
 
 On a fixed probe batch, with normalizers in train mode (batch statistics), running statistics untouched (the
 check works on a deep copy whose BatchNorm momentum is 0), dropout off and every normalizer ε set to ~0, scale a
@@ -59,7 +59,7 @@ class FunctionalProbe:
                 m.eval()
             if isinstance(m, norm_types) or (rms is not None and isinstance(m, rms)):
                 if hasattr(m, "eps"):
-                    m.eps = _EPS  # ε alone moves outputs by up to 5e-2 at c = 0.3 (design.md §5)
+                    m.eps = _EPS  # ε alone moves outputs by up to 5e-2 at c = 0.3 (docs/theory.md §2)
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = 0.0  # running statistics stay as they are
                 if isinstance(m, nn.GroupNorm):

@@ -1,5 +1,5 @@
 """The graph tier: follow each weight's output through positively homogeneous ops to a normalizer
-(theory.md §12.2), merging residual-stream writers into joint units (union of the summands' producers).
+(docs/theory.md §2), merging residual-stream writers into joint units (union of the summands' producers).
 
 Front ends translate a torch.fx graph (``--model`` traced with ``symbolic_trace``) or a torch.export program
 (``.pt2``) into a tiny IR; the analysis works on the IR only.
@@ -220,7 +220,7 @@ def _only_bn(g: IGraph, users: dict[int, list[int]], i: int) -> bool:
 def _propagate(g: IGraph, unit: set[int], users: dict[int, list[int]]) -> _Verdict:
     status: dict[int, str] = {}
     v = _Verdict(True)
-    for n in g.nodes:
+    for n in g.nodes[min(unit):]:  # nodes before the unit's first member cannot carry its scaling
         ins = [status.get(i, "u") for i in n.inputs]
         bad, sc = "b" in ins, "s" in ins
         if n.id in unit:
@@ -266,6 +266,8 @@ def _propagate(g: IGraph, unit: set[int], users: dict[int, list[int]]) -> _Verdi
             if v.ok:
                 v = _Verdict(False, f"{n.label} is not positively homogeneous", [], v.norms)
         status[n.id] = st
+        if not v.ok:  # the first failure decides the verdict (and the merge candidates); the rest cannot change it
+            break
     return v
 
 

@@ -1,6 +1,6 @@
 """ONNX front end of the graph tier: ONNX nodes → the IR of :mod:`.graph` (initializers are the parameters).
 
-Known trap (design.md §5): torch's default ONNX export folds BatchNorm into the preceding conv and keeps the
+Known trap (docs/theory.md §2): torch's default ONNX export folds BatchNorm into the preceding conv and keeps the
 conv's initializer name — no normalizer remains, so the graph says nothing about invariance and the weight is not
 the checkpoint's tensor. Such a graph is refused with a clear message rather than analysed.
 """

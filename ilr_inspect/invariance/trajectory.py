@@ -1,4 +1,4 @@
-"""The gradient/trajectory tier: cross-checks from what the series itself shows (theory.md §12.4).
+"""The gradient/trajectory tier: cross-checks from what the series itself shows (docs/theory.md §2).
 
 No gradients are stored in most checkpoints, but consecutive checkpoints constrain a unit:
 - without weight decay an SI unit trained by SGD can only grow (‖w_{t+1}‖² = ‖w_t‖² + η²‖g_t‖², §2.5);

@@ -6,11 +6,14 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Kind = Literal["tensor", "channel", "group", "joint"]
-Evidence = Literal["graph", "functional", "name-rule", "gradient", "user"]
-Role = Literal["unit", "no-effect", "not-invariant"]
+Evidence = Literal["graph", "config-graph", "functional", "name-rule", "gradient", "user"]
+# ``undetermined``: nothing seen says whether the tensor feeds a normalizer (not counted as SI, not claimed not-SI).
+Role = Literal["unit", "no-effect", "not-invariant", "undetermined"]
 
-# Best evidence first (design.md §5): a user file overrides everything, then the definition (functional), ...
-EVIDENCE_RANK: dict[str, int] = {"user": 0, "functional": 1, "graph": 2, "name-rule": 3, "gradient": 4}
+# Best evidence first (docs/units.md): a user file overrides everything, then the definition (functional), a graph
+# of the user's model, a graph from the files the framework wrote (config.json, .keras, ONNX), then names.
+EVIDENCE_RANK: dict[str, int] = {"user": 0, "functional": 1, "graph": 2, "config-graph": 3, "name-rule": 4,
+                                 "gradient": 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class Unit:
     confidence: float = 1.0
     deviation: float | None = None
     role: Role = "unit"
+    source: str | None = None  # the file the evidence came from (config.json, model.keras, model.onnx, ...)
 
     @property
     def heuristic(self) -> bool:
@@ -56,15 +60,16 @@ def unit_name(members: tuple[str, ...] | list[str]) -> str:
             if name.endswith(suffix):
                 return name[: -len(suffix)]
         return name
-    modules = {m.rsplit(".", 1)[0] for m in ms}
-    if len(modules) == 1 and all("." in m for m in ms):
+    sep = "/" if all("/" in m for m in ms) else "."
+    modules = {m.rsplit(sep, 1)[0] for m in ms}
+    if len(modules) == 1 and all(sep in m for m in ms):
         return modules.pop()  # weight + bias of one module (a normalizer's (γ, β), a linear map and its bias)
-    first = ms[0].split(".")
+    first = ms[0].split(sep)
     common: list[str] = []
     for i, part in enumerate(first):
-        if all(len(m.split(".")) > i and m.split(".")[i] == part for m in ms):
+        if all(len(m.split(sep)) > i and m.split(sep)[i] == part for m in ms):
             common.append(part)
         else:
             break
-    stem = ".".join(common) if common else "model"
+    stem = sep.join(common) if common else "model"
     return f"{stem}[joint:{len(ms)}]"

@@ -33,9 +33,9 @@ def _parse(path: Path) -> dict[str, Any]:
         if path.suffix.lower() == ".toml":
             data: Any = tomllib.loads(text)
         else:
-            import yaml
+            from ..safety import load_yaml  # safe loader with size/depth/alias limits (docs/security.md)
 
-            data = yaml.safe_load(text)
+            data = load_yaml(text.encode("utf-8"), path=path, what="units file")
     except Exception as exc:  # both parsers raise their own error types
         raise UsageError(f"the units file is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}", path=path,
                          hint="see `ilr-inspect units --help` for the format") from exc

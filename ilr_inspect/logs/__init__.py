@@ -12,16 +12,18 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
 
+from .. import safety
 from ..errors import MissingExtraError
 from . import csvlog, hf_state, sidecar, tensorboard
 from .data import SCALAR_COLUMNS, LogData, LogFormatError
 from .tags import ColumnMap, classify, timing_of
 
-__all__ = ["ColumnMap", "LogData", "discover", "read_logs"]
+__all__ = ["ColumnMap", "LogData", "discover", "map_epochs", "read_logs", "steps_per_epoch"]
 
 _MAX_DEPTH = 4  # root/lightning_logs/version_0/checkpoints, root/runs/<name>/events…
 _MAX_ENTRIES = 50_000  # bound the walk on a huge folder
@@ -41,6 +43,8 @@ def _kind(path: Path) -> str | None:
         return "tensorboard"
     if name == hf_state.FILENAME:
         return "hf"
+    if (name in _LOG_CSV or name.endswith((".log", ".csv"))) and csvlog.is_keras_csvlogger(path):
+        return "keras-csv"
     if name in _LOG_CSV:
         return "csv"
     if _is_jsonl_log(name):
@@ -90,7 +94,10 @@ def discover(root: Path) -> list[Path]:
     found: list[Path] = []
     newest_state: dict[Path, tuple[int, Path]] = {}
     for path in candidates:
-        key = path.resolve()
+        try:
+            key = path.resolve()
+        except (RuntimeError, OSError):  # symlink loop: nothing to read (the series warns about it)
+            continue
         if key in seen:
             continue
         seen.add(key)
@@ -150,6 +157,7 @@ def read_logs(
     states: list[tuple[Path, int, pd.DataFrame]] = []
     hf_next: bool | None = None
     sidecars: list[Path] = []
+    epoch_frames: list[pd.DataFrame] = []
 
     def warn(path: Path, why: str) -> None:
         data.warnings.append(f"{_rel(path, base)}: skipped, {why}")
@@ -158,10 +166,18 @@ def read_logs(
         frames.append(frame.assign(source=_rel(path, base), reader=reader))
 
     for path in files:
+        if not safety.regular_file(path):  # a FIFO/device named like a log would block or stream forever
+            warn(path, "not a regular file (FIFO, device, socket or broken link)")
+            continue
         kind = _kind(path) or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(path.suffix)
         try:
             if kind == "tensorboard":
-                add(tensorboard.read(path), path, tensorboard.READER)
+                tb = tensorboard.read(path)
+                data.warnings += [f"{_rel(path, base)}: {w}" for w in tb.attrs.get(tensorboard.WARNINGS_ATTR, [])]
+                add(tb, path, tensorboard.READER)
+            elif kind == "keras-csv":
+                epoch_frames.append(csvlog.read_keras_csvlogger(path).assign(
+                    source=_rel(path, base), reader=csvlog.KERAS_READER))
             elif kind == "csv":
                 add(csvlog.read_csv(path, columns), path, "csv")
             elif kind == "jsonl":
@@ -188,6 +204,8 @@ def read_logs(
         add(frame, path, hf_state.READER)
 
     _assemble(data, frames, bool(hf_next))
+    if epoch_frames:
+        data.epoch_scalars = pd.concat(epoch_frames, ignore_index=True).assign(timing="")[list(SCALAR_COLUMNS)]
     hf_rows = data.scalars["tag"].isin(["learning_rate", "train/learning_rate"]) & data.scalars["reader"].isin(
         [hf_state.READER, tensorboard.READER]
     )
@@ -198,6 +216,38 @@ def read_logs(
         )
     _read_sidecars(data, sidecars, base)
     return data
+
+
+def steps_per_epoch(pairs: Iterable[tuple[int | None, Any]]) -> int | None:
+    """Steps per epoch from checkpoints' (step, epochs completed) pairs, when every pair with both agrees on one
+    whole number (a pair whose step is no multiple of its epoch, or two different ratios, give None)."""
+    both = [(s, e) for s, e in pairs
+            if isinstance(s, int) and isinstance(e, int) and not isinstance(e, bool) and e > 0 and s > 0]
+    rates = {s / e for s, e in both}
+    if len(rates) != 1:
+        return None
+    rate = rates.pop()
+    return int(rate) if rate == int(rate) else None
+
+
+def map_epochs(data: LogData, per_epoch: int) -> int:
+    """Move epoch-indexed log rows into ``data.scalars`` at step = epochs completed × ``per_epoch``.
+
+    A value logged at an epoch's end (Keras CSVLogger) describes that epoch, so its lr was *used* by the steps up
+    to that step. Returns how many rows were mapped.
+    """
+    rows = data.epoch_scalars
+    if rows.empty or per_epoch <= 0:
+        return 0
+    rows = rows.assign(step=(rows["step"] * per_epoch).astype("int64"))
+    for tag in rows["tag"].unique():
+        hp = classify(str(tag), data.columns)
+        if hp is not None:
+            rows.loc[rows["tag"] == tag, "timing"] = timing_of(hp, csvlog.KERAS_READER, False)
+    scalars = pd.concat([data.scalars, rows[list(SCALAR_COLUMNS)]], ignore_index=True)
+    data.scalars = scalars.sort_values(["source", "tag", "step"], kind="stable").reset_index(drop=True)
+    data.epoch_scalars = rows.iloc[0:0]
+    return len(rows)
 
 
 def _assemble(data: LogData, frames: list[pd.DataFrame], hf_next: bool) -> None:

@@ -1,4 +1,5 @@
-"""Lightning ``CSVLogger`` ``metrics.csv`` and generic CSV / JSONL logs (one record per logging call).
+"""Lightning ``CSVLogger`` ``metrics.csv``, Keras ``CSVLogger`` files and generic CSV / JSONL logs (one record per
+logging call).
 
 Lightning writes sparse rows: each ``log_metrics`` call is a row with only its own columns filled, so the table
 is melted to (step, tag, value) and empty cells are dropped. Other CSV/JSONL files need a ``step`` column; its
@@ -97,3 +98,31 @@ def read_jsonl(path: Path, mapping: ColumnMap | None = None) -> pd.DataFrame:
     if bad > len(records):
         raise LogFormatError(f"{bad} of {bad + len(records)} lines are not JSON objects")
     return tidy(pd.DataFrame.from_records(records), mapping)
+
+
+# Keras ``CSVLogger(filename)`` (any name; the docs use ``training.log``): a header ``epoch,<sorted log keys>`` and
+# one row per epoch, ``epoch`` 0-based and written at the epoch's end (keras/src/callbacks/csv_logger.py).
+KERAS_READER = "epoch-csv"  # also timm summary.csv: same layout (0-based epoch, row at epoch end)
+_HEAD_BYTES = 4096
+
+
+def is_keras_csvlogger(path: Path) -> bool:
+    """A CSV whose first column is ``epoch`` and that has no step column."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_HEAD_BYTES).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    except OSError:
+        return False
+    cols = [c.strip() for c in head.split(",")]
+    return len(cols) >= 2 and cols[0] == "epoch" and not set(cols) & set(STEP_NAMES)
+
+
+def read_keras_csvlogger(path: Path) -> pd.DataFrame:
+    """Long rows whose ``step`` is the number of epochs completed (row ``epoch`` e is written after epoch e+1)."""
+    try:
+        table = pd.read_csv(path, low_memory=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LogFormatError(f"not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc
+    epochs = pd.to_numeric(table["epoch"], errors="coerce")
+    table = table.drop(columns=["epoch"]).assign(step=epochs + 1)
+    return tidy(table, None)

@@ -51,6 +51,9 @@ class LogData:
     constant_sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     columns: ColumnMap | None = None
+    # Rows of epoch-indexed logs (Keras CSVLogger): ``step`` holds *epochs completed*; logs.map_epochs moves them
+    # into ``scalars`` once the checkpoints tell the steps per epoch (never a step invented from an epoch alone).
+    epoch_scalars: pd.DataFrame = field(default_factory=empty_scalars)
     # Memo of _frame results, keyed also by id(scalars) so that replacing the table invalidates it.
     _memo: dict[tuple[Any, ...], tuple[pd.DataFrame, HpTag | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False

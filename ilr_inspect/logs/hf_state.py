@@ -8,13 +8,15 @@ continued). ``learning_rate`` timing depends on the transformers version that wr
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .. import safety
+from ..errors import IlrError
 
 READER = "hf-trainer-state"
 FILENAME = "trainer_state.json"
@@ -23,34 +25,46 @@ FIXED_IN = (4, 51)
 
 
 def load(path: Path) -> tuple[int, pd.DataFrame]:
-    """(global_step, rows) of one file; raises ValueError when it is not a trainer state."""
-    with path.open("rb") as fh:
-        state = json.load(fh)
+    """(global_step, rows) of one file; raises ValueError when it is not a trainer state (or breaks a parsing
+    limit of :mod:`ilr_inspect.safety`); entries of unexpected types are skipped."""
+    try:
+        state = safety.load_json(path, what="trainer_state.json")
+    except IlrError as exc:
+        raise ValueError(exc.message) from exc
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise ValueError("no 'log_history' list: not a Hugging Face trainer_state.json")
     rows: list[tuple[int, str, float]] = []
     for entry in state["log_history"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+        if not isinstance(entry, dict) or not _is_step(entry.get("step")):
             continue
         step = entry["step"]
         for key, value in entry.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if math.isfinite(float(value)):
-                rows.append((step, str(key), float(value)))
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range is no log value
+                continue
+            if math.isfinite(number):
+                rows.append((step, str(key), number))
     global_step = state.get("global_step")
     frame = pd.DataFrame(rows, columns=["step", "tag", "value"])
     frame["wall_time"] = math.nan
-    return (global_step if isinstance(global_step, int) else -1), frame
+    return (global_step if isinstance(global_step, int) and _is_step(global_step) else -1), frame
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def transformers_version(path: Path) -> tuple[int, int] | None:
     """``transformers_version`` from the model config saved next to a trainer_state.json, if any."""
     cfg = path.parent / "config.json"
+    if not safety.regular_file(cfg):
+        return None
     try:
-        with cfg.open("rb") as fh:
-            data: Any = json.load(fh)
-    except (OSError, ValueError):
+        data: Any = safety.load_json(cfg, what="config.json")
+    except IlrError:
         return None
     version = data.get("transformers_version") if isinstance(data, dict) else None
     m = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None

@@ -9,11 +9,11 @@ data, so nothing is ever imported or executed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .. import safety
+from ..errors import IlrError
 
 READER = "sidecar"
 NAMES = frozenset(
@@ -34,26 +34,14 @@ _KEYS: dict[str, tuple[str, ...]] = {
 _CLASS_KEYS = ("class_path", "_target_", "name", "type", "class_name")
 
 
-class _SafeDataLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``!!python/object…`` and custom tags as plain mappings/sequences/strings."""
-
-
-def _plain(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
-
-
-_SafeDataLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
-_SafeDataLoader.add_multi_constructor("!", _plain)
-
-
 def load(path: Path) -> dict[str, Any]:
-    """Parse a sidecar into a dict; raises ValueError when it is not a mapping."""
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SafeDataLoader)
+    """Parse a sidecar into a dict; raises ValueError (the log reader's "skip with a warning") when it is not a
+    mapping or breaks a parsing limit of :mod:`ilr_inspect.safety` (size, depth, YAML aliases)."""
+    try:
+        data = (safety.load_json(path, max_bytes=safety.MAX_YAML_BYTES, what="sidecar") if path.suffix == ".json"
+                else safety.load_yaml(path, what="sidecar"))
+    except IlrError as exc:
+        raise ValueError(exc.message) from exc
     if not isinstance(data, dict):
         raise ValueError("not a mapping of hyperparameters")
     return data

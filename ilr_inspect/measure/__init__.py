@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,8 @@ import pandas as pd
 from ..checkpoint import Checkpoint, HParams
 from ..invariance.unit import Unit
 from ..output import Result, provenance
-from . import theory
+from ..series import SeriesSource, borrow
+from . import step_angle, theory
 from .regime import Regime, classify
 from .stream import TensorStats, stream_stats
 
@@ -60,6 +61,8 @@ class _Track:
     angle_ratios: list[float] = field(default_factory=list)
     last_done: float | None = None
     last_wd: float | None = None
+    step_ratios: list[float] = field(default_factory=list)  # reconstructed last-step angle / Δ*, per checkpoint
+    gap_angles: list[tuple[float, float]] = field(default_factory=list)  # (steps, angle) per checkpoint pair
 
 
 def _hparams_for(series: SeriesLike, ck: Checkpoint) -> dict[str, HParams]:
@@ -111,7 +114,7 @@ def _unit_sums(unit: Unit, stats: dict[str, TensorStats]) -> _Sums | None:
 
 
 def _angle(prev_n2: np.ndarray, cur_n2: np.ndarray, tang: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Angle and cosine per block: q = ‖â−b̂‖² = P/(‖a‖‖b‖), θ = 2·atan2(√q, √(4−q)) (theory.md §13.4)."""
+    """Angle and cosine per block: q = ‖â−b̂‖² = P/(‖a‖‖b‖), θ = 2·atan2(√q, √(4−q)) (docs/theory.md §5)."""
     na, nb = np.sqrt(prev_n2), np.sqrt(cur_n2)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = tang / (na * nb)
@@ -230,14 +233,14 @@ def _tensor_units(units: Sequence[Unit]) -> list[tuple[str, Unit]]:
     return out
 
 
-def measure(series: SeriesLike, units: Sequence[Unit] | None = None, *, per_tensor: bool = False,
+def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = False,
             granularity: str = "tensor", quiet: bool = True) -> Measurement:
-    """One streamed pass: norms, angles and regimes for every unit (and optionally every member tensor)."""
-    cks = list(series.checkpoints)
-    if units is None:
-        from ..invariance import detect_units
+    """One streamed pass: norms, angles and regimes for every unit (and optionally every member tensor).
 
-        units = detect_units(cks[0], granularity=granularity) if cks else []
+    ``units`` come from the caller (:func:`ilr_inspect.invariance.detect_units` or a user file): measuring never
+    detects, so this module does not depend on the detectors. ``granularity`` is recorded, not acted on.
+    """
+    cks = list(series.checkpoints)
     units = list(units)
     tensor_units = _tensor_units(units) if per_tensor else []
     names = sorted({m for u in units for m in u.members})
@@ -252,10 +255,13 @@ def measure(series: SeriesLike, units: Sequence[Unit] | None = None, *, per_tens
     prev_ck: Checkpoint | None = None
     prev_hps: dict[str, HParams] = {}
     row_names = {m for u in units if u.kind in ("channel", "group") for m in u.members}
+    recon = step_angle.Reconstructor(getattr(series, "logs", None))
     for cs in stream_stats(cks, names, quiet=quiet, row_names=row_names):
         ck = cs.checkpoint
         warnings.extend(f"{ck.path.name}: {w}" for w in cs.warnings)
         hps = _hparams_for(series, ck)
+        # The last update, from the optimizer state (a second read of the unit tensors, only where state exists).
+        step_units, step_tensors = recon.checkpoint(ck, units, [u for _, u in tensor_units], hps)
         for kind_rows, a_rows, pairs, trk in ((norm_rows, angle_rows, [(u.name, u) for u in units], tracks),
                                               (t_rows, ta_rows, tensor_units, ttracks)):
             for key, u in pairs:
@@ -268,6 +274,10 @@ def measure(series: SeriesLike, units: Sequence[Unit] | None = None, *, per_tens
                 numel = sum(cs.tensors[m].numel for m in u.members)
                 hp, note = _unit_hp(u, hps)
                 row, _ = _row(u, track, ck, hp, cur, numel, warnings, note)
+                got = (step_units if trk is tracks else step_tensors).get(u.name)
+                row.update(step_angle.columns(got, hp, bool(u.scale_invariant)))
+                if math.isfinite(row["step_angle_ratio"]):
+                    track.step_ratios.append(row["step_angle_ratio"])
                 if trk is ttracks:
                     row["parameter"] = key
                     row["unit"] = owner.get(key, key)
@@ -279,6 +289,8 @@ def measure(series: SeriesLike, units: Sequence[Unit] | None = None, *, per_tens
                         arow["parameter"] = key
                         arow["unit"] = owner.get(key, key)
                     a_rows.append(arow)
+                    if arow["steps"] and math.isfinite(arow["angle"]):
+                        track.gap_angles.append((float(arow["steps"]), float(arow["angle"])))
                     closed = row["predicted_norm"]
                     if not math.isfinite(closed) and u.scale_invariant and arow["steps"]:
                         implied = theory.implied_equilibrium_norm(theory.dynamics(hp_prev or hp), row["norm"],
@@ -298,7 +310,7 @@ def measure(series: SeriesLike, units: Sequence[Unit] | None = None, *, per_tens
         seg = _current_segment(tr)
         regimes[u.name] = classify([tr.rows_step[i] for i in seg], [tr.rows_norm[i] for i in seg],
                                    [tr.rows_tau[i] for i in seg], tr.last_wd, tr.last_done, tr.angle_ratios,
-                                   u.scale_invariant)
+                                   u.scale_invariant, step_ratios=tr.step_ratios, gap_angles=tr.gap_angles)
         if u.role == "no-effect":
             regimes[u.name] = Regime("undetermined", "no effect on the output (removed by a normalizer)")
     return Measurement(pd.DataFrame(norm_rows), pd.DataFrame(angle_rows), pd.DataFrame(t_rows),
@@ -316,29 +328,25 @@ def _current_segment(tr: _Track) -> list[int]:
     return idx if len(idx) >= 3 else list(range(n))
 
 
-def _series(source: SeriesLike | Sequence[str | Path] | str | Path, open_kwargs: dict[str, Any]) -> SeriesLike:
-    if not isinstance(source, (str, Path)) and hasattr(source, "checkpoints"):
-        return cast(SeriesLike, source)
-    from ..series import open_series
-
-    paths = [source] if isinstance(source, (str, Path)) else list(source)
-    series: SeriesLike = open_series(paths, **open_kwargs)
-    return series
-
-
 def _inputs(series: SeriesLike) -> list[Path]:
     return [c.path for c in series.checkpoints]
 
 
-def run(source: SeriesLike | Sequence[str | Path] | str | Path, *, units: Sequence[Unit] | None = None,
+def run(source: SeriesSource, *, units: Sequence[Unit] | None = None,
         per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-        open_kwargs: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
-        detect_kwargs: dict[str, Any] | None = None) -> Measurement:
-    series = _series(source, dict(open_kwargs or {}))
-    if units is None and series.checkpoints:
+        settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
+        **series_kwargs: Any) -> Measurement:
+    with borrow(source, **series_kwargs) as series:
+        return _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
+
+
+def _run(series: SeriesLike, units: Sequence[Unit] | None, per_tensor: bool, granularity: str, quiet: bool,
+         detect_kwargs: dict[str, Any] | None) -> Measurement:
+    if units is None:
         from ..invariance import detect_units
 
-        units = detect_units(series.checkpoints[0], granularity=granularity, **(detect_kwargs or {}))
+        cks = series.checkpoints
+        units = detect_units(cks[0], granularity=granularity, **(detect_kwargs or {})) if cks else []
     return measure(series, units, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
 
 
@@ -350,14 +358,13 @@ def _meta(series_paths: Iterable[Path], m: Measurement, settings: dict[str, Any]
     return meta
 
 
-def norms(source: SeriesLike | Sequence[str | Path] | str | Path, *, units: Sequence[Unit] | None = None,
+def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None,
           per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-          open_kwargs: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
-          detect_kwargs: dict[str, Any] | None = None) -> Result:
+          settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
+          **series_kwargs: Any) -> Result:
     """Per unit (or ``per_tensor``: per parameter tensor) and checkpoint: norm, effective/intrinsic LR, predictions."""
-    series = _series(source, dict(open_kwargs or {}))
-    m = run(series, units=units, per_tensor=per_tensor, granularity=granularity, quiet=quiet,
-            detect_kwargs=detect_kwargs)
+    with borrow(source, **series_kwargs) as series:
+        m = _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
     rows = m.per_tensor if per_tensor else m.norms
     if per_tensor and not rows.empty:
         cols = ["step", "checkpoint", "parameter", *[c for c in rows.columns if c not in ("step", "checkpoint",
@@ -366,14 +373,13 @@ def norms(source: SeriesLike | Sequence[str | Path] | str | Path, *, units: Sequ
     return Result("norms", rows, _meta(_inputs(series), m, settings))
 
 
-def angles(source: SeriesLike | Sequence[str | Path] | str | Path, *, units: Sequence[Unit] | None = None,
+def angles(source: SeriesSource, *, units: Sequence[Unit] | None = None,
            per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-           open_kwargs: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
-           detect_kwargs: dict[str, Any] | None = None) -> Result:
+           settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
+           **series_kwargs: Any) -> Result:
     """Per consecutive checkpoint pair and unit: cosine, angle, per step and per √step, vs the prediction."""
-    series = _series(source, dict(open_kwargs or {}))
-    m = run(series, units=units, per_tensor=per_tensor, granularity=granularity, quiet=quiet,
-            detect_kwargs=detect_kwargs)
+    with borrow(source, **series_kwargs) as series:
+        m = _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
     return Result("angles", m.per_tensor_angles if per_tensor else m.angles, _meta(_inputs(series), m, settings))
 
 

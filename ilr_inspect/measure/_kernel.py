@@ -2,10 +2,10 @@
 
 One loop over the elements of the previous value a and the current value b yields, per row, ‖a‖², ‖b‖², ‖d‖²
 and ⟨d,a⟩ with d = b − a, all accumulated in float64: for float32 data d is exact and each product is correct
-to 2⁻⁵³, far inside the errors stream.py's bounds allow for its float32 blocks (≤ 256·2⁻²⁴ per partial sum,
-any summation order). So the sums may be reassociated ("reassoc", which lets LLVM vectorise the loop: ~6× faster
-than the strict scalar order) and products fused into FMAs ("contract", one rounding instead of two); no other
-fast-math flag (NaN/inf semantics are kept).
+to 2⁻⁵³. stream.py checks its derived angles against exactly this arithmetic (a sum of n float64 terms is within
+n·2⁻⁵³·Σ|terms| in any order), so ordinary data passes the first time. The sums may therefore be reassociated
+("reassoc", which lets LLVM vectorise the loop: ~6× faster than the strict scalar order) and products fused into
+FMAs ("contract", one rounding instead of two); no other fast-math flag (NaN/inf semantics are kept).
 The loop is serial on purpose: stream.py already runs one tensor per worker thread (nogil releases the GIL), and
 a parallel loop inside each call (prange) measured 3× slower on 2 cores (thread-pool spin-waits and a lock
 against the non-thread-safe fallback threading layer).

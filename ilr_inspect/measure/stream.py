@@ -2,13 +2,14 @@
 
 For each tensor we keep per-row float64 sums — ‖w_r‖² and the tangential term P_r = ‖a_r‖‖b_r‖·‖â_r − b̂_r‖²
 against the previous checkpoint — which is all the norms, angles and relative updates of every unit kind need,
-without the cancellation of 1 − cos for tiny angles (theory.md §13.4).
+without the cancellation of 1 − cos for tiny angles (docs/theory.md).
 
-The loop is tensor-major: for one tensor name it walks the checkpoints in step order, so the previous
-checkpoint's value of that tensor is still in memory (often still in the CPU cache) when the next one is read.
-Every byte of every file is read once, and memory is bounded by a few copies of the largest tensor — never by
-the model or the series. The sums of one tensor run on a worker thread while the next is read (NumPy releases
-the GIL).
+Where a reader hands out views of a memory map (safetensors, torch zip) the loop is checkpoint-major: checkpoint
+i is read in storage order against checkpoint i − 1, still mapped, whose pages are then released, so resident
+file pages stay within two checkpoints and anonymous memory within a few cache-sized blocks. Where a reader copies
+each tensor, the loop is tensor-major (two copies of one tensor alive at a time). ‖w‖² of the previous checkpoint
+is reused as ‖a‖². The sums of one tensor run on a worker thread while the next is read (NumPy and the compiled
+pass release the GIL). A tensor holding NaN or inf gets a warning and null values for its own checkpoint only.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _row_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     1e-6 target, and far cheaper than converting every element to float64."""
     # np.vecdot (a gufunc) releases the GIL, so worker threads really run in parallel; einsum does not.
     if x.dtype == np.float64:
-        return np.asarray(_vecdot(x, y))
+        return _dot64(x, y)
     rows, cols = x.shape
     k = cols // BLOCK
     if k and cols == k * BLOCK:
@@ -85,6 +86,23 @@ def _row_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         out += parts.sum(axis=1, dtype=np.float64)
     out += _vecdot(x[:, k * BLOCK :], y[:, k * BLOCK :])
     return out
+
+
+_SUB = 8192  # float64 rows are summed in pieces of at most this many: OpenBLAS's ddot (behind np.vecdot) starts
+# its own threads above 10000 elements, which fight the worker threads (measured 20-50× slower on a busy machine)
+
+
+def _dot64(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Σ_j x_ij·y_ij per row of 2-D float64 arrays, in single-threaded pieces of ≤ _SUB elements."""
+    rows, cols = x.shape
+    if cols <= _SUB:
+        return np.asarray(_vecdot(x, y))
+    k = cols // _SUB
+    out = np.asarray(_vecdot(x[:, : k * _SUB].reshape(rows, k, _SUB), y[:, : k * _SUB].reshape(rows, k, _SUB)))
+    out = out.sum(axis=1)
+    if cols > k * _SUB:
+        out += _vecdot(x[:, k * _SUB :], y[:, k * _SUB :])
+    return np.asarray(out)
 
 
 def _blocks(n_rows: int, cols: int) -> list[tuple[slice, slice]]:
@@ -123,13 +141,15 @@ def _exact_tang(x: np.ndarray, y: np.ndarray, aa: np.ndarray, bb: np.ndarray, sc
     return np.asarray(_row_dot(d, d) * back)
 
 
-def _derived(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+def _derived(aa: np.ndarray, dd: np.ndarray, da: np.ndarray, e: float = _DOT_EPS,
+             u: float = _U) -> tuple[np.ndarray, np.ndarray, bool]:
     """:func:`_derived_rows`, with ok = every live row meets the bounds."""
-    bb, p, ok = _derived_rows(aa, dd, da)
+    bb, p, ok = _derived_rows(aa, dd, da, e, u)
     return bb, p, bool(np.all(ok))
 
 
-def _derived_rows(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _derived_rows(aa: np.ndarray, dd: np.ndarray, da: np.ndarray, e: float = _DOT_EPS,
+                  u: float = _U) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """‖b‖² and P from ‖a‖², ‖d‖² and ⟨d,a⟩ of the difference d = b − a (three passes instead of four).
 
     ‖b‖² = ‖a‖² + 2⟨d,a⟩ + ‖d‖², and with ρ = ‖a‖ − ‖b‖ = −(2⟨d,a⟩ + ‖d‖²)/(‖a‖ + ‖b‖) (no cancellation),
@@ -137,12 +157,12 @@ def _derived_rows(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.nd
     is mostly radial, so a rigorous bound on the angle error must stay below ANGLE_TOL, and one on ‖b‖² below
     NORM_TOL, in every row; ok is False for a live row where one does not, and the caller computes it another way.
     The bounds take the dot products' errors as ≤ _DOT_EPS·Σ|terms| (≤ BLOCK float32 products per partial, any
-    summation order), with |ρ| ≤ ‖d‖ and |⟨d,a⟩| ≤ ‖d‖‖a‖, and d's own rounding (≤ 2⁻²⁴|d|, moving b by
-    ≤ 2⁻²⁴‖d‖)."""
+    summation order), with |ρ| ≤ ‖d‖ and |⟨d,a⟩| ≤ ‖d‖‖a‖, and d's own rounding (≤ u|d|, moving b by ≤ u‖d‖).
+    ``e`` and ``u`` are those two error rates: float32 blocks by default; the compiled pass's float64 sums pass
+    their own. A row with a non-finite sum is never ok (its ‖b‖² must come from b itself, not from a)."""
     bb = np.maximum(aa + 2.0 * da + dd, 0.0)
     na, nb, nd = np.sqrt(aa), np.sqrt(bb), np.sqrt(dd)
     live = (na > 0) & (nb > 0)
-    e, u = _DOT_EPS, _U
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = -(2.0 * da + dd) / (na + nb)
         t = np.maximum(dd + rho * (rho + 2.0 * da / na), 0.0)
@@ -152,12 +172,12 @@ def _derived_rows(aa: np.ndarray, dd: np.ndarray, da: np.ndarray) -> tuple[np.nd
         d_theta = (np.sqrt(hi) - np.sqrt(np.maximum(q - dq, 0.0))) / np.sqrt(1.0 - hi / 4.0)
         d_norm = (e * (2.0 * na + nd) + 2.0 * u * (nb + nd)) * nd / bb
         p = np.where(live, t * na / nb, 0.0)
-    ok = ~live | ((d_theta <= ANGLE_TOL) & (d_norm <= NORM_TOL))
+    ok = (~live | ((d_theta <= ANGLE_TOL) & (d_norm <= NORM_TOL))) & np.isfinite(bb)
     return bb, p, ok
 
 
-def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray, str]:
+def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str,
+                 aa: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """‖b‖², ‖a‖² and P for each row of one block (rows wholly inside it, or one piece of a long row), read while
     the block is in cache, so memory sees each element once. Three forms, cheapest first where they hold:
 
@@ -168,8 +188,9 @@ def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str) -
     - ``exact``: :func:`_exact_tang` (sweeps: a², b², d = b − (‖b‖/‖a‖)·a in two, d²).
 
     ``mode`` is the form to try first: the one that held for the previous block, as neighbours change alike.
+    ``aa`` is ‖a‖² of the block's rows when already known (the previous checkpoint's norms, in float64).
     Returns (‖b‖², ‖a‖², P, the form to try first on the next block)."""
-    aa = _row_dot(y, y)
+    aa = _row_dot(y, y) if aa is None else aa
     ab = None
     if mode == "derived":
         d = scratch[: x.size].reshape(x.shape)
@@ -196,16 +217,48 @@ def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str) -
     return bb, aa, p, mode
 
 
-def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True, kernel: bool = True) -> TensorStats:
+_U64 = 2.0**-53  # float64 unit roundoff
+
+
+def _norm64(b: np.ndarray) -> np.ndarray:
+    """Σ_j b_ij² per row of 2-D b, every product and sum in float64 (agrees with a float64 recomputation to
+    ~1e-15). Float32 and narrower data is widened in cache-sized pieces into one reused buffer, then summed by
+    the float64 gufunc: ~2.5× the cost of the float32 partial sums, still well under the cost of reading."""
+    if b.dtype == np.float64:
+        return _dot64(b, b)
+    n_rows, cols = b.shape
+    out = np.zeros(n_rows, dtype=np.float64)
+    buf = np.empty(min(b.size, CHUNK // 4), dtype=np.float64)
+    if cols > buf.size:
+        for r in range(n_rows):
+            for lo in range(0, cols, buf.size):
+                piece = b[r, lo:lo + buf.size]
+                x = buf[: piece.size]
+                np.copyto(x, piece, casting="unsafe")
+                out[r] += float(_dot64(x.reshape(1, -1), x.reshape(1, -1))[0])
+        return out
+    step = max(1, buf.size // cols)
+    for lo in range(0, n_rows, step):
+        blk = b[lo:lo + step]
+        x = buf[: blk.size].reshape(blk.shape)
+        np.copyto(x, blk, casting="unsafe")
+        out[lo:lo + step] = _dot64(x, x)
+    return out
+
+
+def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True, kernel: bool = True,
+              prev_sumsq: np.ndarray | None = None) -> TensorStats:
     """Row sums for the current value b and, against the previous checkpoint's value a, the tangential term P.
 
-    One sweep over cache-sized blocks: each block yields ‖b‖², ‖a‖² and P of its rows while it is in cache
+    ‖b‖² is always a float64 sum of float64 products (:func:`_norm64`, or the compiled pass). P comes from one
+    sweep over cache-sized blocks: each block yields ‖a‖² and P of its rows while it is in cache
     (:func:`_block_stats`), so memory sees every element once. A row longer than a block is cut into pieces i, each
     with its own P_i; then P = Σ P_i + 2(‖a‖‖b‖ − Σ ‖a_i‖‖b_i‖), from P = 2(‖a‖‖b‖ − ⟨a,b⟩) and
     ⟨a,b⟩ = Σ ⟨a_i,b_i⟩. The last term is ≥ 0 (Cauchy–Schwarz) and its first-order sensitivity to errors in the
     piece norms vanishes where the pieces' norm ratios agree, so it adds only float64 rounding (~1e-8 rad). A
     per-piece angle bound carries over to the row: with weights w_i = ‖a_i‖‖b_i‖/(‖a‖‖b‖), Σ w_i ≤ 1,
     Δq ≤ Σ w_i·2√q_i·tol ≤ 2√q·tol since q ≥ Σ w_i q_i.
+    ``prev_sumsq`` is ‖a‖² per row as computed for the previous checkpoint: reused instead of summed again.
     Data that is neither float32 nor float64 is converted block by block into a reused buffer.
     With ``kernel`` (and :data:`KERNEL`), float32/float64 pairs take the compiled one-loop pass when numba is
     installed (:func:`_kernel_stats`).
@@ -219,28 +272,23 @@ def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True, ke
     if cols == 0 or n_rows == 0:
         z = None if a is None else np.zeros(n_rows)
         return TensorStats(np.zeros(n_rows, dtype=np.float64), z, z, 0)
-    work = np.dtype(np.float64 if b.dtype == np.float64 else np.float32)
-    size = min(b.size, CHUNK)
-    bufx = None if b.dtype == work else np.empty(size, dtype=work)
-    if a is None and bufx is None:
-        return TensorStats(_row_dot(b, b), None, None, int(b.size))  # no temporaries: one call
-    blocks = _blocks(n_rows, cols)
-    ss = np.zeros(n_rows, dtype=np.float64)
     if a is None:
-        for rs, cs in blocks:
-            x = _as_work(b[rs, cs], bufx)
-            ss[rs] += _row_dot(x, x)
-        return TensorStats(ss, None, None, int(b.size))
+        return TensorStats(_norm64(b), None, None, int(b.size))
+    if prev_sumsq is not None and prev_sumsq.shape != (n_rows,):
+        prev_sumsq = None
+    work = np.dtype(np.float64 if b.dtype == np.float64 else np.float32)
     kern = _pair_kernel() if kernel and KERNEL and b.dtype == work and a.dtype == work else None
     if kern is not None and b.flags.c_contiguous and a.flags.c_contiguous:
         return _kernel_stats(kern, b, a)
-    ss, pss, tang = _numpy_pair(b, a, work, bufx)
-    return TensorStats(ss, pss, tang, int(b.size))
+    bufx = None if b.dtype == work else np.empty(min(b.size, CHUNK), dtype=work)
+    _, pss, tang = _numpy_pair(b, a, work, bufx) if prev_sumsq is None else _numpy_pair(b, a, work, bufx, prev_sumsq)
+    return TensorStats(_norm64(b), pss, tang, int(b.size))
 
 
-def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any],
-                bufx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """‖b‖², ‖a‖² and P per row of 2-D b and a, block by block in NumPy (see :func:`row_stats`)."""
+def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any], bufx: np.ndarray | None,
+                prev_sumsq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """‖b‖², ‖a‖² and P per row of 2-D b and a, block by block in NumPy (see :func:`row_stats`); blocks of whole
+    rows take ‖a‖² from ``prev_sumsq`` when given."""
     n_rows, cols = b.shape
     size = min(b.size, CHUNK)
     blocks = _blocks(n_rows, cols)
@@ -251,10 +299,11 @@ def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any],
     tang = np.zeros(n_rows, dtype=np.float64)
     cross = np.zeros(n_rows, dtype=np.float64) if cols > CHUNK else None  # Σ ‖a_i‖‖b_i‖ over pieces of a row
     mode = "derived" if work == np.float32 else "exact"
+    known = prev_sumsq if prev_sumsq is not None and cross is None else None
     for rs, cs in blocks:
         x = _as_work(b[rs, cs], bufx)
         y = _as_work(a[rs, cs], bufy)
-        bb, aa, p, mode = _block_stats(x, y, scratch, mode)
+        bb, aa, p, mode = _block_stats(x, y, scratch, mode, None if known is None else known[rs])
         ss[rs] += bb
         pss[rs] += aa
         tang[rs] += p
@@ -267,8 +316,11 @@ def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any],
 
 KERNEL = True  # use the compiled one-loop pass (ilr_inspect.measure._kernel) when numba is installed
 # ... in a series pass only from this many element pairs on (or once it is loaded anyway): importing numba and
-# loading the cached machine code costs ~0.5 s once per process. From ~1 GB of float32 pairs on, throughput wins:
-# the pass then scales at ~1.2-1.3x a plain read instead of ~2x. ILR_INSPECT_KERNEL=on|off forces the choice.
+# loading the cached machine code costs ~0.5-1 s CPU once per process (overlapped with the first checkpoint's
+# reads, see stream_stats). Measured on 2 busy cores: a float32 pair costs ~1.3 ns in the kernel and ~5 ns in the
+# NumPy blocks; a whole `angles` run on 75M pairs took 2.34 s CPU with the kernel and 1.68 s without, so the load
+# is repaid from ~2.5e8 pairs (~2^28, 1 GiB of float32 pairs) on.
+# ILR_INSPECT_KERNEL=on|off forces the choice.
 KERNEL_MIN_PAIRS = 1 << 28
 _kernel_mod: Any = None  # None: not tried yet; False: numba missing; else the module
 
@@ -286,20 +338,38 @@ def _pair_kernel() -> Any:
     return _kernel_mod or None
 
 
+def _warm_kernel() -> None:
+    """Import numba and load both machine-code variants (a worker runs this while the first checkpoint is read)."""
+    kern = _pair_kernel()
+    if kern is not None:
+        compiled = getattr(kern, "_pair_sums", kern.pair_sums)
+        for dt in (np.float32, np.float64):
+            z = np.zeros((1, 1), dtype=dt)
+            compiled(z, z)
+
+
 def _kernel_stats(kern: Any, b: np.ndarray, a: np.ndarray) -> TensorStats:
-    """Row sums from one compiled loop over a and b (float64 sums of the exact differences), then per row the
-    cheapest form of P whose bound holds — derived, else fast (q ≥ FAST_Q) — and the NumPy path for the rows left
-    (mostly radial changes where neither bound holds)."""
+    """Row sums from one compiled loop over a and b (float64 sums of float64 products and differences), then per
+    row the cheapest form of P whose bound holds — derived, else fast (q ≥ FAST_Q) — and the NumPy path for the
+    rows left (mostly radial changes where neither bound holds).
+
+    The error model is the loop's own arithmetic: each of the four sums has ≤ cols float64 terms, so its error is
+    ≤ cols·2⁻⁵³·Σ|terms| in any summation order (the loop is reassociated), and d = b − a is rounded once (≤ 2⁻⁵³|d|;
+    exact for float32 data of similar magnitude). ‖b‖² is the loop's own sum, never derived from a, so a
+    non-finite a cannot touch it."""
     aa, bb, dd, da = kern.pair_sums(b, a)
-    _, p, ok = _derived(aa, dd, da)
+    cols = b.shape[1]
+    e = (cols + 2) * _U64
+    _, p, ok = _derived(aa, dd, da, e, _U64)
     if not ok:
-        _, p, ok_rows = _derived_rows(aa, dd, da)
+        _, p, ok_rows = _derived_rows(aa, dd, da, e, _U64)
         nn = np.sqrt(aa * bb)
-        live = nn > 0
+        live = nn > 0  # False for NaN: such rows get no angle (P = NaN below)
         p_fast = np.maximum(2.0 * (nn - (aa + da)), 0.0)  # ⟨a,b⟩ = ‖a‖² + ⟨d,a⟩
         fast = live & (p_fast >= FAST_Q * nn)
-        p = np.where(ok_rows, p, np.where(fast, p_fast, 0.0))
-        bad = np.flatnonzero(~ok_rows & ~fast)
+        finite = np.isfinite(nn)
+        p = np.where(ok_rows, p, np.where(fast, p_fast, np.where(finite, 0.0, np.nan)))
+        bad = np.flatnonzero(~ok_rows & ~fast & live)
         if bad.size:  # contiguous runs of rows, as views: no copy of the tensor
             cuts = np.flatnonzero(np.diff(bad) > 1) + 1
             for run in np.split(bad, cuts):
@@ -328,13 +398,21 @@ def _progress(total: int, quiet: bool) -> Any:
 def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, quiet: bool = True,
                  row_names: Collection[str] | None = None) -> Iterator[CheckpointStats]:
     """Per-tensor statistics for each checkpoint, yielded in step order. Tensors in ``row_names`` (default: all)
-    get per-row sums, the others one total."""
+    get per-row sums, the others one total.
+
+    Checkpoint-major where tensors are views of a memory map (:func:`_mapped`): checkpoint i is read once, in
+    storage order, against the still-mapped checkpoint i − 1, whose mapping is then released — resident file
+    pages stay within two checkpoints and anonymous memory within a few blocks. Elsewhere (formats whose reader
+    copies or widens each tensor) tensor-major, so that at most two copies of one tensor are alive."""
     wanted = set(names)
     with_rows = wanted if row_names is None else set(row_names)
     order: list[str] = []
+    seen: set[str] = set()
     for ck in checkpoints:
-        order.extend(n for n in ck.tensors if n in wanted and n not in order)
-    per_ck: list[dict[str, TensorStats]] = [{} for _ in checkpoints]
+        for n in ck.tensors:
+            if n in wanted and n not in seen:
+                seen.add(n)
+                order.append(n)
     warns: list[list[str]] = [[] for _ in checkpoints]
     for i, ck in enumerate(checkpoints):
         missing = wanted - set(ck.tensors)
@@ -349,34 +427,148 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
     if progress is not None:
         progress.start()
         task = progress.add_task("measuring", total=len(order) * len(checkpoints))
-    pending: deque[tuple[int, str, Future[TensorStats]]] = deque()
+
+    def advance() -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    by_ck = _mapped(checkpoints, order)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilr-measure") as pool:
-            for name in order:
-                prev: np.ndarray | None = None
-                for i, ck in enumerate(checkpoints):
-                    if name not in ck.tensors:
-                        prev = None
-                        continue
-                    cur = ck.read(name)
-                    if prev is not None and prev.shape != cur.shape:
-                        warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
-                        prev = None
-                    fut = pool.submit(row_stats, cur, prev, rows=name in with_rows, kernel=kernel)
-                    pending.append((i, name, fut))
-                    prev = cur
-                    del cur
-                    while len(pending) > workers:
-                        j, n, fut = pending.popleft()
-                        per_ck[j][n] = fut.result()
-                    if progress is not None and task is not None:
-                        progress.advance(task)
-                del prev
-            while pending:
-                j, n, fut = pending.popleft()
-                per_ck[j][n] = fut.result()
+            if kernel and KERNEL and _kernel_mod is None:
+                pool.submit(_warm_kernel)  # numba loads on one core while the other reads the first checkpoint
+            run = _by_checkpoint if by_ck else _by_tensor
+            yield from run(pool, workers, checkpoints, order, with_rows, kernel, warns, advance)
     finally:
         if progress is not None:
             progress.stop()
+
+
+_Advance = Callable[[], None]
+_MAPPED_FORMATS = frozenset({"safetensors", "hf", "torch", "lightning"})
+_VIEW_DTYPES = frozenset({"float32", "float64", "float16"})
+
+
+def _mapped(checkpoints: Sequence[Checkpoint], order: Sequence[str]) -> bool:
+    """Whether every checkpoint's reader hands out views of a memory map for these tensors (no copies), so that
+    keeping a whole previous checkpoint costs file pages, not anonymous memory."""
+    return all(ck.format in _MAPPED_FORMATS and all(ck.tensors[n].dtype in _VIEW_DTYPES
+                                                    for n in order if n in ck.tensors) for ck in checkpoints)
+
+
+_MADV_DONTNEED = 4  # Linux
+_libc: Any = None
+
+
+def _release(ck: Checkpoint) -> None:
+    """Drop the resident pages of a checkpoint's file mappings once no array of it is needed.
+
+    Readers keep a file mapped while the checkpoint is open (a later command may read it again), so instead of
+    unmapping, the private read-only file mappings of this checkpoint's files (found in /proc/self/maps) are
+    advised MADV_DONTNEED: the pages leave this process (they stay in the page cache) and a later read faults them
+    in again from the file. Only private mappings of the checkpoint's own files are touched, which nothing
+    writes; elsewhere (not Linux, no libc) this does nothing."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    root = str(ck.path.resolve())
+    try:
+        if _libc is None:
+            import ctypes
+            import ctypes.util
+
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[1].startswith("r") or parts[1][3] != "p":
+            continue
+        path = parts[5].rstrip("\n")
+        if path != root and not path.startswith(root + os.sep):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        _libc.madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+def _check(name: str, st: TensorStats, warns: list[str]) -> TensorStats:
+    if not bool(np.all(np.isfinite(st.sumsq))):
+        warns.append(f"{name}: holds NaN or inf; its norm (and angles to it) are null for this checkpoint only")
+    return st
+
+
+def _by_checkpoint(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence[Checkpoint], order: Sequence[str],
+                   with_rows: set[str], kernel: bool, warns: list[list[str]],
+                   advance: _Advance) -> Iterator[CheckpointStats]:
+    prev_arrays: dict[str, np.ndarray] = {}
+    prev_sums: dict[str, np.ndarray] = {}
+    prev_ck: Checkpoint | None = None
+    for i, ck in enumerate(checkpoints):
+        pending: deque[tuple[str, Future[TensorStats]]] = deque()
+        cur_arrays: dict[str, np.ndarray] = {}
+        done: dict[str, TensorStats] = {}
+        for name in ck.tensors:
+            if name not in order:
+                continue
+            cur = ck.read(name)
+            prev = prev_arrays.pop(name, None)
+            if prev is not None and prev.shape != cur.shape:
+                warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
+                prev = None
+            fut = pool.submit(row_stats, cur, prev, rows=name in with_rows, kernel=kernel,
+                              prev_sumsq=prev_sums.get(name) if prev is not None else None)
+            pending.append((name, fut))
+            cur_arrays[name] = cur
+            del cur, prev
+            while len(pending) > workers:
+                n, f = pending.popleft()
+                done[n] = _check(n, f.result(), warns[i])
+            advance()
+        while pending:
+            n, f = pending.popleft()
+            done[n] = _check(n, f.result(), warns[i])
+        prev_arrays.clear()
+        if prev_ck is not None:
+            _release(prev_ck)
+        prev_arrays, prev_ck = cur_arrays, ck
+        prev_sums = {n: s.sumsq for n, s in done.items()}
+        yield CheckpointStats(i, ck, done, warns[i])
+    prev_arrays.clear()
+    if prev_ck is not None:
+        _release(prev_ck)
+
+
+def _by_tensor(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence[Checkpoint], order: Sequence[str],
+               with_rows: set[str], kernel: bool, warns: list[list[str]],
+               advance: _Advance) -> Iterator[CheckpointStats]:
+    per_ck: list[dict[str, TensorStats]] = [{} for _ in checkpoints]
+    pending: deque[tuple[int, str, Future[TensorStats]]] = deque()
+    for name in order:
+        prev: np.ndarray | None = None
+        prev_sumsq: Future[TensorStats] | None = None
+        for i, ck in enumerate(checkpoints):
+            if name not in ck.tensors:
+                prev = prev_sumsq = None
+                continue
+            cur = ck.read(name)
+            if prev is not None and prev.shape != cur.shape:
+                warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
+                prev = prev_sumsq = None
+            known = prev_sumsq.result().sumsq if prev_sumsq is not None and prev_sumsq.done() else None
+            fut = pool.submit(row_stats, cur, prev, rows=name in with_rows, kernel=kernel, prev_sumsq=known)
+            pending.append((i, name, fut))
+            prev, prev_sumsq = cur, fut
+            del cur
+            while len(pending) > workers:
+                j, n, f = pending.popleft()
+                per_ck[j][n] = _check(n, f.result(), warns[j])
+            advance()
+        del prev
+    while pending:
+        j, n, f = pending.popleft()
+        per_ck[j][n] = _check(n, f.result(), warns[j])
     for i, ck in enumerate(checkpoints):
         yield CheckpointStats(i, ck, per_ck[i], warns[i])

@@ -1,6 +1,6 @@
-"""Closed-form predictions of the random-walk theory (theory.md §1, §5, §6, §11, §13), PyTorch conventions.
+"""Closed-form predictions of the random-walk theory (docs/theory.md §1, §3–§8), PyTorch conventions.
 
-Every function takes plain floats so it can be checked against the oracles of theory.md §11 directly.
+Every function takes plain floats so it can be checked against the oracles of docs/theory.md §6 directly.
 """
 
 from __future__ import annotations
@@ -34,19 +34,19 @@ class Dynamics:
 
     @property
     def shrink(self) -> float | None:
-        """Per-step fraction of w removed by weight decay (theory.md §13.3 s_t)."""
+        """Per-step fraction of w removed by weight decay (docs/theory.md §4 s_t)."""
         if self.lr is None or self.weight_decay is None:
             return None
         return self.weight_decay if self.wd_mode == "unscaled" else self.lr * self.weight_decay
 
     @property
     def intrinsic_lr(self) -> float | None:
-        """λ_e = s·κ, κ = 1/(1−μ) only when WD goes through an SGD momentum buffer (theory.md §5, §13.3)."""
+        """λ_e = s·κ, κ = 1/(1−μ) only when WD goes through an SGD momentum buffer (docs/theory.md §4)."""
         s = self.shrink
         if s is None:
             return None
         if self.family in ("adam", "adaptive") and self.wd_mode == "coupled":
-            return None  # Adam/RMSprop + L2: no hyperparameter-only shrink rate (theory.md §6 last row)
+            return None  # Adam/RMSprop + L2: no hyperparameter-only shrink rate (docs/theory.md §6 last row)
         if self.family == "sgd" and self.wd_mode == "coupled" and self.momentum < 1.0:
             return s / (1.0 - self.momentum)
         return s
@@ -100,7 +100,7 @@ def dynamics(hp: HParams | None) -> Dynamics:
 
 
 def equilibrium_angle(d: Dynamics) -> float | None:
-    """Per-step angular update at equilibrium Δ* (theory.md §6, §11.2).
+    """Per-step angular update at equilibrium Δ* (docs/theory.md §6).
 
     One formula covers SGD(M) and AdamW: the long-window diffusion is 2λ_e per step and momentum correlates
     consecutive updates, so Δ*² = 2λ_e(1−μ)/(1+μ). Plain SGD uses the exact arccos(1−ηλ).
@@ -132,7 +132,7 @@ def correlated_steps(mu: float, k: float) -> float:
 def predicted_angle(d: Dynamics, k: float) -> float | None:
     """Expected angle between checkpoints k steps apart at equilibrium: arccos(exp(−Δ*²·S_k/2)).
 
-    k = 1 gives Δ*; for k ≫ 1/(1−μ) it gives arccos(e^{−λ_e k}) (theory.md §11.5).
+    k = 1 gives Δ*; for k ≫ 1/(1−μ) it gives arccos(e^{−λ_e k}) (docs/theory.md §6).
     """
     delta = equilibrium_angle(d)
     if delta is None or k <= 0:
@@ -145,7 +145,7 @@ def predicted_angle(d: Dynamics, k: float) -> float | None:
 
 
 def equilibrium_norm_closed_form(d: Dynamics, numel: int) -> float | None:
-    """Hyperparameter-only equilibrium norm: AdamW sqrt(ηC/(2λ)), Lion η·sqrt(C)/Δ* (theory.md §11.3).
+    """Hyperparameter-only equilibrium norm: AdamW sqrt(ηC/(2λ)), Lion η·sqrt(C)/Δ* (docs/theory.md §7).
 
     SGD needs E‖g̃‖² (not in a checkpoint); see :func:`implied_equilibrium_norm`.
     """
@@ -175,7 +175,7 @@ def implied_equilibrium_norm(d: Dynamics, norm: float, angle: float, steps: floa
 
 
 def relaxation_time(d: Dynamics) -> float | None:
-    """Time constant (steps) of the norm relaxation: 1/(4λ_e) for SGD(M), 1/(2λ_e) for AdamW (theory.md §11.4)."""
+    """Time constant (steps) of the norm relaxation: 1/(4λ_e) for SGD(M), 1/(2λ_e) for AdamW (docs/theory.md §8)."""
     lam_e = d.intrinsic_lr
     if lam_e is None or lam_e <= 0:
         return None
@@ -190,7 +190,7 @@ def relaxation_done(d: Dynamics, intrinsic_time: float) -> float | None:
 
 
 def steps_to_within(d: Dynamics, r0: float, eps: float) -> float | None:
-    """Steps until ‖w‖/‖w*‖ is within ε of 1, starting from ratio r0 (theory.md §11.4)."""
+    """Steps until ‖w‖/‖w*‖ is within ε of 1, starting from ratio r0 (docs/theory.md §8)."""
     lam_e = d.intrinsic_lr
     if lam_e is None or lam_e <= 0:
         return None

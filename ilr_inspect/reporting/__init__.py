@@ -159,22 +159,18 @@ def report(
     ``out_is_default`` marks an output path the user did not choose; such a path is refused when it would land
     inside a checkpoint folder (outputs the user named explicitly are written where asked).
     """
-    from ..inventory import as_series
+    from ..series import borrow
 
     parse_all(fail_if)  # a malformed gate is a usage error before any checkpoint is read
     if (model is None) != (probe is None):
         raise UsageError("--model and --probe go together (function-space distance needs both)")
-    series, owned = as_series(paths, **series_kwargs)
-    try:
+    with borrow(paths, **series_kwargs) as series:
         folders = [c.path for c in series if c.path.is_dir()] + ([series.root] if series.root is not None else [])
         if out_is_default and _inside(Path(out), folders):
             raise UsageError(f"the default output {out} would be written into the checkpoint folder",
                              hint="choose where the report goes with -o FILE")
         tables = _compute_tables(series, model=model, probe=probe, units_file=units_file)
         inputs = [c.path for c in series]
-    finally:
-        if owned:
-            series.close()
     if equilibrium is not None:
         tables.equilibrium, tables.equilibrium_meta, tables.equilibrium_curves = load_equilibrium(Path(equilibrium))
         inputs.append(Path(equilibrium))

@@ -71,6 +71,20 @@ def _final_angle_ratio(t: ReportTables) -> Value:
     return None if frame is None else _stat(_last_rows(frame, "step_to"), "ratio", np.median)
 
 
+def _step_angle_ratio(t: ReportTables) -> Value:
+    """Median over scale-invariant units of each unit's median last-step ratio over its last 10 checkpoints
+    (the per-step angle reconstructed from the optimizer state, docs/step-angle.md)."""
+    frame = si_norms(t)
+    if frame is None or "step_angle_ratio" not in frame.columns:
+        return None
+    frame = frame[pd.to_numeric(frame["step_angle_ratio"], errors="coerce").notna()]
+    if frame.empty:
+        return None
+    per_unit = frame.sort_values("step").groupby("unit")["step_angle_ratio"].apply(
+        lambda s: float(np.median(s.to_numpy(float)[-10:])))
+    return float(np.median(per_unit.to_numpy(float)))
+
+
 def _elr_spread(t: ReportTables) -> Value:
     frame = si_norms(t)
     if frame is None or "effective_lr" not in frame.columns:
@@ -117,11 +131,17 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("checkpoints", "number of checkpoints in the series", _checkpoints, _NORMS),
     Metric("units", "number of units", _units, _NORMS),
     Metric("si_units", "number of scale-invariant units", _si_units, _NORMS),
-    Metric("max_angle_ratio", "largest measured/predicted angle per step, any scale-invariant unit and interval",
+    Metric("step_angle_ratio", "median over scale-invariant units of the last-step angle (from the optimizer "
+           "state) over the equilibrium prediction, median of the last 10 checkpoints; 1 = at equilibrium",
+           _step_angle_ratio, "needs optimizer state in the checkpoints"),
+    Metric("max_angle_ratio", "largest gap angle over its free-diffusion bound arccos(e^(-λ_e·k)), any "
+           "scale-invariant unit and interval (a bound: below 1 is normal at equilibrium for gaps of many steps)",
            lambda t: _stat(si_angles(t), "ratio", np.max), _ANGLES),
-    Metric("min_angle_ratio", "smallest measured/predicted angle per step, any scale-invariant unit and interval",
+    Metric("min_angle_ratio", "smallest gap angle over its free-diffusion bound, any scale-invariant unit and "
+           "interval",
            lambda t: _stat(si_angles(t), "ratio", np.min), _ANGLES),
-    Metric("final_angle_ratio", "median over scale-invariant units of the ratio in the last interval",
+    Metric("final_angle_ratio", "median over scale-invariant units of the gap angle over its free-diffusion "
+           "bound in the last interval",
            _final_angle_ratio, _ANGLES),
     Metric("max_angle_per_step", "largest angle per step (radians), any scale-invariant unit and interval",
            lambda t: _stat(si_angles(t), "angle_per_step", np.max), _ANGLES),

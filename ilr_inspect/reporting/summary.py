@@ -11,8 +11,8 @@ from .gates import METRICS, GateOutcome, Value, fmt_value
 from .tables import ReportTables, schedule_changes, si_mask
 
 # The numbers a CI reader wants first; the rest are in the HTML page.
-KEY_METRICS = ("final_angle_ratio", "max_angle_ratio", "elr_spread", "min_norm", "final_intrinsic_time",
-               "equilibrium_fraction", "max_disagreement", "equilibrium_exponent")
+KEY_METRICS = ("step_angle_ratio", "final_angle_ratio", "max_angle_ratio", "elr_spread", "min_norm",
+               "final_intrinsic_time", "equilibrium_fraction", "max_disagreement", "equilibrium_exponent")
 
 
 def _counts(values: pd.Series) -> str:
@@ -27,13 +27,15 @@ def _num(v: Any) -> str:
 def _timeline(frame: pd.DataFrame, col: str) -> str | None:
     if col not in frame.columns or not frame[col].notna().any():
         return None
-    distinct = frame.groupby("step", sort=True)[col].nunique()
+    # A series without steps (axis: epoch) keeps its checkpoint order.
+    key, by_step = ("step", True) if "step" in frame.columns and frame["step"].notna().any() else ("checkpoint", False)
+    distinct = frame.groupby(key, sort=by_step)[col].nunique()
     if (distinct > 1).any():
         # Parameter groups differ (e.g. no weight decay on norm layers): list the values, not a misleading median.
         values = sorted(frame[col].dropna().unique())
         shown = ", ".join(_num(v) for v in values[:6]) + (" …" if len(values) > 6 else "")
         return f"{shown} (differs between parameters)"
-    per_step = frame.groupby("step", sort=True)[col].first().dropna()
+    per_step = frame.groupby(key, sort=by_step)[col].first().dropna()
     first, last = per_step.iloc[0], per_step.iloc[-1]
     lo, hi = per_step.min(), per_step.max()
     text = _num(first) if first == last else f"{_num(first)} → {_num(last)}"

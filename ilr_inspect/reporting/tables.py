@@ -16,7 +16,7 @@ import pandas as pd
 
 @dataclass
 class ReportTables:
-    """Library results as DataFrames (columns of design.md §4) plus provenance ``meta`` for the footer."""
+    """Library results as DataFrames (columns in docs/schema.md) plus provenance ``meta`` for the footer."""
 
     norms: pd.DataFrame | None = None
     angles: pd.DataFrame | None = None

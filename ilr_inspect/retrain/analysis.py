@@ -1,6 +1,6 @@
 """Turning recorded curves into t_eq, its bootstrap interval, norm relaxation and the scaling exponent.
 
-Distances are mean pairwise prediction disagreements on the probe set (theory §13.7): *between* = pairs of
+Distances are mean pairwise prediction disagreements on the probe set (docs/equilibrium.md): *between* = pairs of
 branches from different starts, *noise floor* = pairs of different seeds of the same start. At equilibrium every
 branch is an independent draw from one distribution over functions, so both have the same expectation; the
 estimator needs no correction for the number of seeds (unlike the ℓ1 distance between empirical label
@@ -16,7 +16,9 @@ import numpy as np
 
 # Status values of an arm (the `status` column).
 EQUILIBRATED = "equilibrated"
+STARTED_AT_EQUILIBRIUM = "started-at-equilibrium"
 NOT_EQUILIBRATED = "not-equilibrated"
+SMOKE_TEST = "smoke-test"
 PERIODIC = "periodic"
 DIVERGED = "diverged"
 
@@ -51,21 +53,40 @@ def smooth(times: np.ndarray, x: np.ndarray, width: float) -> np.ndarray:
     return np.array([np.mean(x[np.abs(times - t) <= h]) for t in times])
 
 
-def settle_time(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
-                width: float) -> float:
-    """First evaluation time t with smoothed between ≤ (1 + tolerance)·smoothed floor at every evaluation in
-    [t, t + window] (theory §13.8: below the replica noise floor for a window of ≥ 1/λ_e); the window must fit
-    before the horizon. NaN when no such t exists."""
+@dataclass(frozen=True)
+class Settling:
+    t_eq: float  # first settled evaluation time after an approach (NaN otherwise)
+    approach: float  # last time before t_eq at which the distance was clearly above the floor (NaN: none)
+    started: bool  # the curves settled without having been clearly above the floor first
+
+
+def settle(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
+           width: float, approach: float) -> Settling:
+    """The t_eq rule (docs/equilibrium.md): the first evaluation time t with smoothed between ≤ (1 + tolerance)·
+    smoothed floor at every evaluation in [t, t + window] (the window must end before the horizon), counted only
+    when some earlier evaluation had between > (1 + approach)·floor. Without that approach the starts were
+    already indistinguishable and there is nothing to time: ``started`` is set and t_eq is NaN. So t_eq can never
+    be the first evaluation."""
     b, f = smooth(times, between, width), smooth(times, floor, width)
-    if len(b) == 0 or not np.all(np.isfinite(b)):
-        return math.nan
+    if len(b) == 0 or not np.all(np.isfinite(b)) or not np.all(np.isfinite(f)):
+        return Settling(math.nan, math.nan, False)
     ok = b <= (1.0 + tolerance) * f + 1e-12
+    above = b > (1.0 + approach) * f
     for i, t in enumerate(times):
         if t + window > times[-1] + 1e-9:
             break
         if np.all(ok[i:][times[i:] <= t + window + 1e-9]):
-            return float(t)
-    return math.nan
+            before = np.nonzero(above[:i])[0]
+            if len(before) == 0:
+                return Settling(math.nan, math.nan, True)
+            return Settling(float(t), float(times[before[-1]]), False)
+    return Settling(math.nan, math.nan, False)
+
+
+def settle_time(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
+                width: float, approach: float = 0.3) -> float:
+    """t_eq of :func:`settle` (NaN when not settled or settled without an approach)."""
+    return settle(times, between, floor, tolerance=tolerance, window=window, width=width, approach=approach).t_eq
 
 
 @dataclass(frozen=True)
@@ -73,16 +94,24 @@ class TeqEstimate:
     t_eq: float  # in the units of ``times``
     low: float
     high: float
-    replicates: np.ndarray  # bootstrap t_eq (NaN where the replicate never settles)
+    replicates: np.ndarray  # bootstrap t_eq (NaN where the replicate never settles after an approach)
+    settling: Settling
+    floor_end: float  # noise floor averaged over the final window
+    floor_rse: float  # its relative standard error over the bootstrap resamples (NaN without resamples)
 
 
 def t_eq_with_bootstrap(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, *, tolerance: float,
-                        window: float, width: float, resamples: int, seed: int) -> TeqEstimate:
-    """t_eq and a 95 % percentile interval from resampling seeds (branches) within each start."""
+                        window: float, width: float, resamples: int, seed: int, approach: float = 0.3) -> TeqEstimate:
+    """t_eq and a 95 % percentile interval from resampling seeds (branches) within each start; also the noise
+    floor over the final window (the last ``window`` of intrinsic time) and its bootstrap relative error."""
     between, floor = curves(dis, groups)
-    point = settle_time(times, between, floor, tolerance=tolerance, window=window, width=width)
+    rule = {"tolerance": tolerance, "window": window, "width": width, "approach": approach}
+    point = settle(times, between, floor, **rule)
+    tail = times >= times[-1] - window - 1e-9
+    floor_end = float(np.mean(floor[tail])) if len(times) else math.nan
     rng = np.random.default_rng(seed)
     reps = np.full(resamples, np.nan)
+    floor_reps = np.full(resamples, np.nan)
     members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
     for b in range(resamples):
         counts = np.zeros(len(groups))
@@ -90,16 +119,49 @@ def t_eq_with_bootstrap(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, 
             np.add.at(counts, rng.choice(m, size=len(m), replace=True), 1.0)
         bb, ff = curves(dis, groups, counts)
         if np.all(np.isfinite(ff)):
-            reps[b] = settle_time(times, bb, ff, tolerance=tolerance, window=window, width=width)
+            reps[b] = settle(times, bb, ff, **rule).t_eq
+            floor_reps[b] = float(np.mean(ff[tail]))
     finite = reps[np.isfinite(reps)]
     # The interval covers the replicates that settle; the share that does not is reported next to it.
     low, high = (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))) if len(finite) else (
         math.nan, math.nan)
-    return TeqEstimate(point, low, high, reps)
+    fr = floor_reps[np.isfinite(floor_reps)]
+    rse = float(np.std(fr, ddof=1) / floor_end) if len(fr) > 1 and floor_end > 0 else math.nan
+    return TeqEstimate(point.t_eq, low, high, reps, point, floor_end, rse)
+
+
+def floor_spread(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, window: float) -> float:
+    """(largest − smallest) per-start noise floor over the final ``window``, relative to the pooled floor.
+
+    At equilibrium every start's seeds are draws from one distribution, so each start's own floor has the same
+    expectation. The between/floor ratio is blind to starts whose distributions differ in spread (one start's
+    copies noisier and less accurate than the other's: the cross-disagreement then sits near the average of the
+    two floors); this diagnostic is not."""
+    if len(times) == 0:
+        return math.nan
+    tail = times >= times[-1] - window - 1e-9
+    d = dis[tail].mean(0)
+    per_start = []
+    for g in np.unique(groups):
+        m = np.nonzero(groups == g)[0]
+        if len(m) < 2:
+            return math.nan
+        block = d[np.ix_(m, m)]
+        per_start.append(float((block.sum() - np.trace(block)) / (len(m) * (len(m) - 1))))
+    pooled = float(np.mean(per_start))
+    return (max(per_start) - min(per_start)) / pooled if pooled > 0 else math.nan
+
+
+def predicted_angle(optimizer: str, lr: float, weight_decay: float, momentum: float) -> float:
+    """Equilibrium angular update per step of a scale-invariant weight (docs/theory.md): √(2ηλ/(1+μ)) for SGD
+    with coupled decay, √(2ηλ(1−β1)/(1+β1)) for AdamW (``momentum`` = β1)."""
+    if optimizer == "sgd":
+        return math.sqrt(2.0 * lr * weight_decay / (1.0 + momentum))
+    return math.sqrt(2.0 * lr * weight_decay * (1.0 - momentum) / (1.0 + momentum))
 
 
 def label_l1(preds: np.ndarray, groups: np.ndarray, classes: int) -> float:
-    """LLA20's distance (theory §8.2): mean over inputs of Σ_y |p_a(y|x) − p_b(y|x)|, p = label frequencies over
+    """LLA20's distance (docs/equilibrium.md): mean over inputs of Σ_y |p_a(y|x) − p_b(y|x)|, p = label frequencies over
     a start's seeds, averaged over start pairs. Biased upwards by finite seeds; for comparison only."""
     dists = []
     starts = np.unique(groups)
@@ -125,7 +187,7 @@ def is_periodic(norms: np.ndarray, swing: float = 0.2) -> bool:
 
 def relaxation(times: np.ndarray, norms: np.ndarray, groups: np.ndarray, *, optimizer: str, intrinsic_lr: float,
                eps: float) -> tuple[float, float]:
-    """Parameter-space (norm) relaxation: measured and predicted (theory §11.4) steps for the total SI norm to
+    """Parameter-space (norm) relaxation (docs/theory.md): measured and predicted steps for the total SI norm to
     stay within ε of its equilibrium value (mean over the last quarter of the run). Slowest start."""
     if norms.size == 0 or not np.all(np.isfinite(norms)):
         return math.nan, math.nan
@@ -151,30 +213,42 @@ def relaxation(times: np.ndarray, norms: np.ndarray, groups: np.ndarray, *, opti
 
 @dataclass(frozen=True)
 class Exponent:
-    slope: float
-    low: float
+    slope: float  # k in t_eq ∝ (1/λ_e)^k
+    low: float  # 95 % percentile interval of k over paired bootstrap replicates
     high: float
     arms: int
     note: str
+    intercept: float = math.nan  # log t_eq at 1/λ_e = 1 (for drawing the fitted line)
+    replicates_used: float = math.nan  # share of bootstrap replicates in which ≥ 3 arms settled
+
+    @property
+    def contains_one(self) -> bool | None:
+        """Whether the conjecture's exponent 1 lies inside the interval (None without an interval)."""
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return None
+        return self.low <= 1.0 <= self.high
 
 
 def fit_exponent(intrinsic_lr: np.ndarray, t_eq: np.ndarray, replicates: list[np.ndarray]) -> Exponent:
     """Least-squares slope of log t_eq (steps) vs log(1/λ_e) over arms that equilibrated, with a percentile
-    interval from refitting on paired bootstrap replicates."""
+    interval from refitting on paired bootstrap replicates (replicate b of every arm; arms are independent
+    trainings, so pairing by index is a valid joint resample). A replicate counts only when ≥ 3 arms settle in
+    it, as for the point estimate."""
     ok = np.isfinite(t_eq) & (t_eq > 0)
     # Two points always fit a line exactly (no residual, no honest interval): a slope needs three arms.
     if len(np.unique(intrinsic_lr[ok])) < 3:
         return Exponent(math.nan, math.nan, math.nan, int(ok.sum()),
                         "fewer than three equilibrated arms with different intrinsic LRs: no fit")
     x = np.log(1.0 / intrinsic_lr[ok])
-    slope = float(np.polyfit(x, np.log(t_eq[ok]), 1)[0])
+    slope, intercept = (float(v) for v in np.polyfit(x, np.log(t_eq[ok]), 1))
     boots = []
     reps = [r for r, k in zip(replicates, ok, strict=True) if k]
     n = min((len(r) for r in reps), default=0)
     for b in range(n):
         yb = np.array([r[b] for r in reps])
         good = np.isfinite(yb) & (yb > 0)
-        if len(np.unique(x[good])) >= 2:
+        if len(np.unique(x[good])) >= 3:
             boots.append(float(np.polyfit(x[good], np.log(yb[good]), 1)[0]))
     low, high = (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))) if boots else (math.nan, math.nan)
-    return Exponent(slope, low, high, int(ok.sum()), "" if boots else "no bootstrap replicates: interval unknown")
+    return Exponent(slope, low, high, int(ok.sum()), "" if boots else "no bootstrap replicates: interval unknown",
+                    intercept, len(boots) / n if n else math.nan)

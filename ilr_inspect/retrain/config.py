@@ -16,11 +16,14 @@ from ..errors import InputError, UsageError
 
 CONFIG_NAME = "ilr.toml"
 OPTIMIZERS = ("sgd", "adamw")
+# "scale-invariant": decay only the weights found to feed a normalizer, so that arms differing in weight decay
+# differ in λ_e of those weights and in nothing else (the other parameters train identically in every arm).
+DECAY_MODES = ("all", "weights", "scale-invariant")
 _TOP = {"model", "data", "starts", "protocol", "arms"}
 _MODEL = {"spec"}
 _DATA = {"npz", "train", "test", "factory", "probe"}
 _STARTS = {"checkpoints", "select", "step_regex"}
-_PROTOCOL = {"horizon", "eval_every", "seeds", "tolerance", "window", "smooth", "bootstrap", "seed",
+_PROTOCOL = {"horizon", "eval_every", "seeds", "tolerance", "approach", "window", "smooth", "bootstrap", "seed",
              "input_noise", "eval_batch", "norm_tolerance"}
 _ARM = {"name", "optimizer", "lr", "weight_decay", "intrinsic_lr", "momentum", "betas", "eps", "batch_size",
         "seeds", "input_noise", "decay"}
@@ -32,13 +35,14 @@ class ProtocolSpec:
     eval_every: float = 0.1  # evaluation cadence, intrinsic time (λ_e · steps); sets the resolution of t_eq
     seeds: int = 4  # branches per start
     tolerance: float = 0.15  # equilibrated when between-start distance ≤ (1 + tolerance) · noise floor
+    approach: float = 0.3  # ... after having been > (1 + approach) · floor (else: started at equilibrium)
     window: float = 1.0  # ... and stays so for at least this much intrinsic time before the horizon
     smooth: float = 0.3  # width (intrinsic time) of the centred moving average applied to both curves
     bootstrap: int = 200  # resamples over seeds for the t_eq interval
     seed: int = 0  # base seed: batch order, input noise
     input_noise: float = 0.0  # std of Gaussian noise added to every training input (fresh every step)
     eval_batch: int = 1024
-    norm_tolerance: float = 0.05  # ε of the parameter-space (norm) relaxation time, theory §11.4
+    norm_tolerance: float = 0.05  # ε of the parameter-space (norm) relaxation time (docs/theory.md)
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,11 @@ class Arm:
     batch_size: int
     seeds: int
     input_noise: float
-    decay: str = "all"  # "all" parameters (torch default) or "weights" (tensors with ≥ 2 dims)
+    decay: str = "all"  # "all" (torch default), "weights" (tensors with ≥ 2 dims) or "scale-invariant" only
 
     @property
     def intrinsic_lr(self) -> float:
-        """λ_e per step: ηλ/(1−μ) for SGD with coupled WD, ηλ for AdamW (theory §1, §5)."""
+        """λ_e per step: ηλ/(1−μ) for SGD with coupled WD, ηλ for AdamW (docs/theory.md)."""
         if self.optimizer == "sgd":
             return self.lr * self.weight_decay / (1.0 - self.momentum)
         return self.lr * self.weight_decay
@@ -196,8 +200,8 @@ def _arms(path: Path, raw: Any, proto: ProtocolSpec) -> tuple[Arm, ...]:
         noise = _num(path, f"{k}.input_noise", a.get("input_noise", proto.input_noise), lo=0.0)
         name = _str(path, f"{k}.name", a.get("name", f"{opt}"))
         decay = a.get("decay", "all")
-        if decay not in ("all", "weights"):
-            raise _err(path, f"{k}.decay", f'must be "all" or "weights", got {decay!r}')
+        if decay not in DECAY_MODES:
+            raise _err(path, f"{k}.decay", f'must be one of {", ".join(DECAY_MODES)}, got {decay!r}')
         kappa = (1.0 - momentum) if opt == "sgd" else 1.0
         if has_wd:
             wds = _num_list(path, f"{k}.weight_decay", a["weight_decay"])
@@ -225,6 +229,7 @@ def _protocol(path: Path, p: dict[str, Any]) -> ProtocolSpec:
         eval_every=_num(path, k + "eval_every", p.get("eval_every", d.eval_every), lo=0.0, lo_open=True),
         seeds=int(_num(path, k + "seeds", p.get("seeds", d.seeds), lo=2, integer=True)),
         tolerance=_num(path, k + "tolerance", p.get("tolerance", d.tolerance), lo=0.0),
+        approach=_num(path, k + "approach", p.get("approach", d.approach), lo=0.0),
         window=_num(path, k + "window", p.get("window", d.window), lo=0.0),
         smooth=_num(path, k + "smooth", p.get("smooth", d.smooth), lo=0.0),
         bootstrap=int(_num(path, k + "bootstrap", p.get("bootstrap", d.bootstrap), lo=0, integer=True)),
@@ -297,6 +302,9 @@ def load_config(path: Path) -> Config:
     proto = _protocol(path, _table(path, raw, "protocol", required=False))
     if proto.eval_every >= proto.horizon:
         raise _err(path, "protocol.eval_every", "must be smaller than protocol.horizon")
+    if proto.approach < proto.tolerance:
+        raise _err(path, "protocol.approach", f"must be ≥ protocol.tolerance ({proto.tolerance:g})",
+                   hint="'clearly above the floor' must lie outside the band that counts as equilibrium")
     arms = _arms(path, raw.get("arms"), proto)
     return Config(path.resolve(), spec, npz, split, factory, probe, folders, tuple(sel), step_regex, proto, arms)
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, ModelError, UsageError
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -73,9 +75,9 @@ class Engine:
         probe_input: torch.Tensor | None = None,
     ) -> None:
         if not states or len(states) != len(lr) or len(lr) != len(weight_decay):
-            raise ValueError("states, lr and weight_decay need one entry per branch")
+            raise UsageError("the engine needs one state, lr and weight_decay per branch (and at least one branch)")
         if optim.name not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {optim.name!r}")
+            raise UsageError(f"unknown optimizer {optim.name!r}", hint="use sgd or adamw")
         self.device = torch.device(device)
         self.K = len(states)
         self.optim = optim
@@ -140,7 +142,8 @@ class Engine:
                              probe_input.to(self.device).unsqueeze(0).expand(self.K, *probe_input.shape))
             if why is not None:
                 if fuse:
-                    raise ValueError(f"the model cannot be fused with torch.vmap ({why})")
+                    raise ModelError(f"the model cannot be fused with torch.vmap ({why})",
+                                     hint="drop fuse=True (the engine then trains branches one by one)")
                 self.fused = False
                 self.log(f"note: the model cannot be fused with torch.vmap ({why}); training branches one by one")
         self._loss_fn: Callable[..., torch.Tensor] = self._losses
@@ -285,17 +288,28 @@ class Engine:
             "weight_decay": self.weight_decay,
         }
 
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Restore a saved state (before the first step: a captured CUDA graph keeps its buffers' addresses)."""
-        if list(sd["lr"]) != self.lr or list(sd["weight_decay"]) != self.weight_decay:
-            raise ValueError("saved engine state belongs to other hyperparameters")
-        with torch.no_grad():
-            self.flat.copy_(sd["flat"].to(self.device))
-            for n, b in sd["buffers"].items():
-                self.buffers[n].copy_(b.to(self.device))
-            for n, s in sd["optim"].items():
-                self.state[n].copy_(s.to(self.device))
-        self.step_count = int(sd["step_count"])
+    def load_state_dict(self, sd: Mapping[str, Any], *, path: str | None = None) -> None:
+        """Restore a saved state (before the first step: a captured CUDA graph keeps its buffers' addresses).
+
+        A state that does not fit this engine (other hyperparameters, other model, a damaged file) is bad input,
+        not a bug: InputError naming ``path``."""
+        hint = "rerun without --resume into a new --out folder"
+        try:
+            if list(sd["lr"]) != self.lr or list(sd["weight_decay"]) != self.weight_decay:
+                raise InputError("the saved engine state belongs to other hyperparameters", path=path, hint=hint)
+            if set(sd["buffers"]) != set(self.buffers) or set(sd["optim"]) != set(self.state):
+                raise InputError("the saved engine state belongs to another model or optimizer", path=path, hint=hint)
+            with torch.no_grad():
+                self.flat.copy_(sd["flat"].to(self.device))
+                for n, b in sd["buffers"].items():
+                    self.buffers[n].copy_(b.to(self.device))
+                for n, s in sd["optim"].items():
+                    self.state[n].copy_(s.to(self.device))
+            step_count = int(sd["step_count"])
+        except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as exc:
+            raise InputError(f"the saved engine state is damaged ({type(exc).__name__}: {exc})", path=path,
+                             hint=hint) from None
+        self.step_count = step_count
         if self.optim.name == "adamw" and self.step_count:
             self.step_count -= 1
             self._advance()  # bias corrections of the restored step

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from . import analysis
 from .config import Arm, ProtocolSpec
 from .engine import Engine, OptimSpec
@@ -54,7 +55,7 @@ class _Batches:
 
     def __init__(self, seeds: Sequence[int], n: int, batch: int, device: torch.device) -> None:
         if batch > n:
-            raise ValueError(f"batch size {batch} exceeds the {n} training examples")
+            raise UsageError(f"batch size {batch} exceeds the {n} training examples")
         self.seeds, self.n, self.batch, self.device = list(seeds), n, batch, device
         self.per_epoch = n // batch
         self._epoch = -1
@@ -67,6 +68,39 @@ class _Batches:
             self._perm = torch.stack([torch.randperm(self.n, generator=g) for g in gens]).to(self.device)
             self._epoch = epoch
         return self._perm[:, pos * self.batch:(pos + 1) * self.batch]
+
+
+def _no_decay(model: nn.Module, decay: str, si_names: Sequence[str]) -> list[str]:
+    """Parameters trained without weight decay under the arm's ``decay`` mode."""
+    names = [n for n, _ in model.named_parameters()]
+    if decay == "weights":
+        return [n for n, p in model.named_parameters() if p.ndim < 2]
+    if decay == "scale-invariant":
+        if not si_names:
+            raise UsageError('decay = "scale-invariant", but no scale-invariant weights were found in the model',
+                             hint='use decay = "weights" or "all"')
+        return [n for n in names if n not in set(si_names)]
+    return []
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-branch angle between (K, ...) weights, 2·atan2(‖â−b̂‖, ‖â+b̂‖) in float64 (accurate for tiny angles)."""
+    ua = a.flatten(1).double()
+    ub = b.flatten(1).double()
+    ua = ua / ua.norm(dim=1, keepdim=True)
+    ub = ub / ub.norm(dim=1, keepdim=True)
+    return 2.0 * torch.atan2((ua - ub).norm(dim=1), (ua + ub).norm(dim=1))
+
+
+def _angle_summary(arm: Arm, records: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float]:
+    """Measured per-step angle of the scale-invariant weights (RMS over tensors, mean over branches, median over
+    the second half of the evaluations) and the equilibrium prediction for the arm's optimizer."""
+    pred = analysis.predicted_angle(arm.optimizer, arm.lr, arm.weight_decay, arm.momentum)
+    per_eval = [float(np.mean(np.sqrt(np.mean(a**2, axis=1)))) for r in records
+                if (a := r.get("si_angle")) is not None and a.size and np.all(np.isfinite(a))]
+    if not per_eval:
+        return math.nan, pred
+    return float(np.median(per_eval[len(per_eval) // 2:])), pred
 
 
 def branch_seeds(proto_seed: int, n_starts: int, seeds: int) -> list[int]:
@@ -88,7 +122,7 @@ class ArmRunner:
         self.si_names = list(si_names)
         self.seeds = branch_seeds(proto.seed, len(starts), arm.seeds)
         states = [start_states[s.label] for s in starts for _ in range(arm.seeds)]
-        no_decay = [n for n, p in model.named_parameters() if p.ndim < 2] if arm.decay == "weights" else []
+        no_decay = _no_decay(model, arm.decay, si_names)
         optim = OptimSpec(arm.optimizer, momentum=arm.momentum if arm.optimizer == "sgd" else 0.0,
                           beta1=arm.momentum if arm.optimizer == "adamw" else 0.9, beta2=arm.beta2, eps=arm.eps)
         self.x_train = torch.from_numpy(data.x_train).to(device)
@@ -102,12 +136,15 @@ class ArmRunner:
         self.batches = _Batches(self.seeds, len(self.x_train), arm.batch_size, device)
         self.noise_gen = torch.Generator(device=device)
         self.branch_steps_per_s = math.nan
+        self._before: dict[str, torch.Tensor] | None = None  # SI weights before the last step (per-step angle)
 
     # ------------------------------------------------------------------------------------------------------
     def _train(self, steps: int) -> torch.Tensor:
         e = self.engine
         total = torch.zeros(self.K, device=self.device)
-        for _ in range(steps):
+        for i in range(steps):
+            if i == steps - 1:
+                self._before = {n: e.params[n].detach().clone() for n in self.si_names}
             t = e.step_count
             idx = self.batches.indices(t)
             x, y = self.x_train[idx], self.y_train[idx]
@@ -128,6 +165,10 @@ class ArmRunner:
         dis = (probe[:, None, :] != probe[None, :, :]).float().mean(-1)
         norms = torch.stack([e.params[n].detach().flatten(1).double().pow(2).sum(1).sqrt() for n in self.si_names],
                             1) if self.si_names else torch.zeros(self.K, 0, dtype=torch.float64)
+        angles = torch.full((self.K, len(self.si_names)), math.nan, dtype=torch.float64)
+        if self._before is not None and self.si_names:
+            angles = torch.stack([_angle(self._before[n], e.params[n].detach()) for n in self.si_names], 1).cpu()
+        self._before = None
         return {
             "step": np.array(e.step_count),
             "train_loss": train_loss.cpu().numpy().astype(np.float64),
@@ -136,6 +177,7 @@ class ArmRunner:
             "preds": probe.cpu().numpy().astype(np.int16),
             "dis": dis.cpu().numpy().astype(np.float64),
             "si_norms": norms.cpu().numpy(),
+            "si_angle": angles.numpy(),
         }
 
     def run(self, store: Store, on_eval: EvalCallback | None = None,
@@ -145,7 +187,7 @@ class ArmRunner:
         saved = store.load_state(arm.id)
         records: list[dict[str, np.ndarray]] = []
         if saved is not None:
-            e.load_state_dict(saved["engine"])
+            e.load_state_dict(saved["engine"], path=str(store.state_path(arm.id)))
             records = store.load_evals(arm.id, int(saved["evals"]))
             if on_steps is not None:
                 on_steps(e.step_count)
@@ -170,8 +212,10 @@ class ArmRunner:
 
 
 def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: Sequence[Mapping[str, np.ndarray]],
-              *, classes: int) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
-    """The arm's result row, its curve rows (one per evaluation × start), and the bootstrap t_eq replicates."""
+              *, classes: int, smoke: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
+    """The arm's result row, its curve rows (one per evaluation × start), and the bootstrap t_eq replicates.
+
+    ``smoke`` (--quick): the run is far too short to time anything; the status says so and no t_eq is given."""
     sch = Schedule.of(arm, proto)
     lam = sch.intrinsic_lr
     groups = np.repeat(np.arange(len(starts)), arm.seeds)
@@ -179,28 +223,39 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
     times = steps * lam
     dis = np.stack([r["dis"] for r in records])
     between, floor = analysis.curves(dis, groups)
-    est = analysis.t_eq_with_bootstrap(times, dis, groups, tolerance=proto.tolerance, window=proto.window,
-                                       width=proto.smooth, resamples=proto.bootstrap,
-                                       seed=_seed(proto.seed, 99))
+    # Step 0 is left out of the t_eq rule: every seed of a start is the same network there, so the floor is 0 by
+    # construction and says nothing about the noise.
+    est = analysis.t_eq_with_bootstrap(times[1:], dis[1:], groups, tolerance=proto.tolerance, window=proto.window,
+                                       width=proto.smooth, resamples=proto.bootstrap, seed=_seed(proto.seed, 99),
+                                       approach=proto.approach)
     norms = np.stack([np.sqrt((r["si_norms"] ** 2).sum(1)) for r in records]) if records[0]["si_norms"].size else (
         np.zeros((len(records), 0)))
     losses = np.stack([r["train_loss"] for r in records[1:]]) if len(records) > 1 else np.zeros((0, 0))
+    angle, angle_pred = _angle_summary(arm, records)
     if losses.size and not np.all(np.isfinite(losses)):
         status, detail = analysis.DIVERGED, "a training loss became NaN/inf"
     elif norms.size and analysis.is_periodic(norms):
         status, detail = analysis.PERIODIC, "scale-invariant norms rise and fall repeatedly (periodic regime)"
+    elif smoke:
+        status, detail = analysis.SMOKE_TEST, "--quick is a smoke test: too short to measure t_eq"
     elif math.isfinite(est.t_eq):
         status, detail = analysis.EQUILIBRATED, ""
+    elif est.settling.started:
+        status, detail = analysis.STARTED_AT_EQUILIBRIUM, (
+            f"the between-start distance was never above (1+{proto.approach:g})× the noise floor before it settled: "
+            "the starts were already indistinguishable after the first evaluation interval, so there is no "
+            "approach to time (use starts that differ more, or a finer eval_every)")
     else:
         status, detail = analysis.NOT_EQUILIBRATED, (
             f"between-start distance never within (1+{proto.tolerance:g})× the noise floor for a whole window of "
             f"{proto.window:g}/λ_e before the horizon")
-    t_eq = est.t_eq if status == analysis.EQUILIBRATED else math.nan
+    ok = status == analysis.EQUILIBRATED
+    t_eq = est.t_eq if ok else math.nan
     t_norm, t_norm_pred = (analysis.relaxation(times / lam, norms, groups, optimizer=arm.optimizer,
                                                intrinsic_lr=lam, eps=proto.norm_tolerance)
                            if norms.size else (math.nan, math.nan))
     settled = float(np.mean(np.isfinite(est.replicates))) if len(est.replicates) else math.nan
-    sm_b, sm_f = analysis.smooth(times, between, proto.smooth), analysis.smooth(times, floor, proto.smooth)
+    sm_b = analysis.smooth(times[1:], between[1:], proto.smooth) if len(times) > 1 else between
     last = records[-1]
     row: dict[str, Any] = {
         "arm": arm.id,
@@ -218,18 +273,26 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
         "eval_every_steps": sch.interval,
         "t_eq_steps": t_eq / lam,
         "t_eq_intrinsic": t_eq,
-        "t_eq_low_steps": est.low / lam if status == analysis.EQUILIBRATED else math.nan,
-        "t_eq_high_steps": est.high / lam if status == analysis.EQUILIBRATED else math.nan,
+        "t_eq_resolution_steps": sch.interval,  # t_eq is an evaluation time: the crossing lies in the interval before
+        "t_eq_low_steps": est.low / lam if ok else math.nan,
+        "t_eq_high_steps": est.high / lam if ok else math.nan,
         "bootstrap_settled": settled,
-        "noise_floor": float(sm_f[-1]),
+        "approach_steps": est.settling.approach / lam if ok else math.nan,
+        "noise_floor": est.floor_end,
+        "noise_floor_rse": est.floor_rse,
+        "floor_spread": analysis.floor_spread(times[1:], dis[1:], groups, proto.window),
         "distance_between": float(sm_b[-1]),
         "label_l1": analysis.label_l1(last["preds"], groups, classes),
         "t_norm_steps": t_norm,
         "t_norm_predicted_steps": t_norm_pred,
+        "angle_per_step": angle,
+        "angle_predicted": angle_pred,
+        "angle_ratio": angle / angle_pred if angle_pred > 0 else math.nan,
         "test_acc": float(last["test_acc"].mean()),
         "status": status,
         "status_detail": detail,
         "tolerance": proto.tolerance,
+        "approach": proto.approach,
         "window_intrinsic": proto.window,
     }
     curve_rows: list[dict[str, Any]] = []
@@ -238,11 +301,14 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
             m = groups == s_idx
             n_s = norms[i, m] if norms.size else np.array([math.nan])
             per_tensor = r["si_norms"][m]
+            ang = r.get("si_angle")
+            ang_s = float(np.mean(np.sqrt(np.mean(ang[m] ** 2, axis=1)))) if ang is not None and ang.size else math.nan
             curve_rows.append({
                 "arm": arm.id, "intrinsic_lr": lam, "step": int(r["step"]), "intrinsic_time": float(times[i]),
                 "start": s.label, "distance_between": float(between[i]), "noise_floor": float(floor[i]),
                 "test_acc": float(r["test_acc"][m].mean()), "test_loss": float(r["test_loss"][m].mean()),
                 "train_loss": float(r["train_loss"][m].mean()), "si_norm": float(n_s.mean()),
                 "effective_lr": float(np.mean(arm.lr / per_tensor**2)) if per_tensor.size else math.nan,
+                "angle_per_step": ang_s,
             })
     return row, curve_rows, est.replicates / lam

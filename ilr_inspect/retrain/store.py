@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..output import atomic_write, atomic_write_text
 
 RUN_FILE = "run.json"
@@ -64,8 +64,14 @@ class Store:
     def load_evals(self, arm: str, upto: int) -> list[dict[str, np.ndarray]]:
         out = []
         for i in range(upto):
-            with np.load(self.arm_dir(arm) / f"eval_{i:05d}.npz", allow_pickle=False) as z:
-                out.append({k: z[k] for k in z.files})
+            path = self.arm_dir(arm) / f"eval_{i:05d}.npz"
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    out.append({k: z[k] for k in z.files})
+            except (OSError, ValueError, EOFError) as exc:  # missing, truncated or not an .npz
+                raise InputError(f"cannot read this saved evaluation ({type(exc).__name__}: {exc})", path=path,
+                                 hint="the results folder is damaged; rerun without --resume into a new --out"
+                                 ) from None
         return out
 
     def save_state(self, arm: str, state: dict[str, Any]) -> None:
@@ -76,11 +82,20 @@ class Store:
 
         atomic_write(self.arm_dir(arm) / "state.pt", write)
 
+    def state_path(self, arm: str) -> Path:
+        return self.root / "arms" / arm / "state.pt"
+
     def load_state(self, arm: str) -> dict[str, Any] | None:
-        p = self.arm_dir(arm) / "state.pt"
+        p = self.state_path(arm)
         if not p.exists():
             return None
-        state: dict[str, Any] = torch.load(p, map_location="cpu", weights_only=True)
+        hint = "the results folder is damaged; rerun without --resume into a new --out"
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file (pickle, zip, EOF, runtime)
+            raise InputError(f"cannot read the saved engine state ({type(exc).__name__})", path=p, hint=hint) from None
+        if not isinstance(state, dict) or "engine" not in state or "evals" not in state:
+            raise InputError("the saved engine state lacks 'engine'/'evals'", path=p, hint=hint)
         return state
 
     def save_summary(self, arm: str, row: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 
 class _PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -31,7 +33,7 @@ class PreResNet(nn.Module):
     def __init__(self, depth: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError("depth must be 6n+2")
+            raise UsageError(f"PreResNet depth must be 6n+2 (20, 32, 44, 56, …), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         blocks: list[nn.Module] = []
