@@ -3,7 +3,7 @@
 #   1. bench_engine.py: PreResNet32, batch 128 — plain eager loop vs engine K=1 vs engine K=32 (target ≥ 10×
 #      plain branch-steps/s), eager and with a whole-step CUDA graph;
 #   2. gpu_check.py: CUDA-graph equivalence, then the bundled FEC sweep (fixtures/fec-sweep: 5 intrinsic LRs ×
-#      2 starts × 8 seeds, horizon 4/λ_e) on a copy outside the repo, interrupted after 5 evaluations and resumed.
+#      2 starts × 8 seeds, horizon 8/λ_e) on a copy outside the repo, interrupted after 5 evaluations and resumed.
 # Writes $OUT/bench.json, bench.log, summary.json, sweep.json, curves.csv, sweep.log.
 # Run from the repository root:  OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -u

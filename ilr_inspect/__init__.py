@@ -22,12 +22,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the same names are imported on first use
+    from .api import angles, norms, units
     from .checkpoint import Checkpoint, HParams
     from .formats import OpenOptions, open_checkpoint
     from .function_space import distance
-    from .invariance import units
     from .inventory import hparams, ls
-    from .measure import angles, norms
     from .output import Result
     from .reporting import report
     from .retrain import equilibrium
@@ -47,9 +46,9 @@ _API = {
     "Result": "ilr_inspect.output",
     "ls": "ilr_inspect.inventory",
     "hparams": "ilr_inspect.inventory",
-    "units": "ilr_inspect.invariance",
-    "norms": "ilr_inspect.measure",
-    "angles": "ilr_inspect.measure",
+    "units": "ilr_inspect.api",
+    "norms": "ilr_inspect.api",
+    "angles": "ilr_inspect.api",
     "distance": "ilr_inspect.function_space",
     "equilibrium": "ilr_inspect.retrain",
     "report": "ilr_inspect.reporting",

@@ -156,6 +156,14 @@ def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
             finals.append(p)
             top = set(weight_files(p))
             files = [f for f in files if f not in top]
+        if not subdirs and len(files) == 1 and not _is_checkpoint_folder(p):
+            # Keras/plain scripts: ModelCheckpoint writes into ckpts/ and model.save() leaves one file at the run's
+            # top. The series is the folder below; the lone top file is the final save, placed like HF's.
+            below = [q for q in _nested(p) if q.parent != p]
+            if len(below) >= 2:
+                finals.extend(files)
+                out.extend(below)
+                continue
         if subdirs or files:
             out.extend(subdirs + files)
         elif _is_checkpoint_folder(p):
@@ -442,9 +450,11 @@ def _add_final_save(series: Series, folder: Path, opts: OpenOptions) -> None:
     """Place the final save at the top of a training output folder (HF ``trainer.save_model()``): the same
     checkpoint as a listed one when the weights are byte-identical; its own point when its ``trainer_state.json``
     gives a step no checkpoint has; otherwise left out with a warning (its step is unknown)."""
-    label = f"{folder}: the top-level model files are the final save (e.g. trainer.save_model()), not a checkpoint-N"
+    label = (f"{folder}: the top-level model files are the final save (e.g. trainer.save_model()), not a checkpoint-N"
+             if folder.is_dir() else
+             f"{folder}: a single file beside the series below it, taken as the run's final save (e.g. model.save())")
     for c in series.checkpoints:
-        if c.path.is_dir() and same_bytes(folder, c.path):
+        if c.path.is_dir() == folder.is_dir() and same_bytes(folder, c.path):
             step = f" at step {c.step}" if c.step is not None else ""
             series.aliases.append(Alias(folder, c.path, "final save, identical weights"))
             series.warnings.append(f"{label}; identical to {c.path.name}{step}: counted once")
@@ -463,7 +473,9 @@ def _add_final_save(series: Series, folder: Path, opts: OpenOptions) -> None:
         series.warnings.append(f"{label}; included at step {final.step} (from {where})")
         return
     final.close()
-    if final.step is not None and final.step in steps:
+    if final.step is not None and final.step in steps and not folder.is_dir():
+        why = f"the series already has a checkpoint at its step {final.step}"
+    elif final.step is not None and final.step in steps:
         why = f"its weights differ from the checkpoint at step {final.step} (e.g. load_best_model_at_end)"
     else:
         why = "its step is unknown (no trainer_state.json beside it, and no checkpoint has the same weights)"

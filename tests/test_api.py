@@ -171,3 +171,111 @@ def test_one_keyword_set_for_opening_a_series(tmp_path: Path) -> None:
         assert not safetensors_file._MAPS, name
     with pytest.raises(TypeError):
         ilr.norms(str(tmp_path), open_kwargs={})  # the old per-function spelling is gone, not silently ignored
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """What a file imports from ``ilr_inspect`` anywhere (module level, function level, TYPE_CHECKING blocks), as
+    absolute dotted names: ``import m`` gives m, ``from m import x`` gives m.x; relative imports are resolved as
+    Python does for ``module``."""
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return {m for m in out if m.startswith("ilr_inspect")}
+
+
+def _package_imports(name: str) -> dict[str, set[str]]:
+    root = Path(ilr.__file__).parent / name
+    found = {}
+    for f in root.rglob("*.py"):
+        module = "ilr_inspect." + ".".join(f.relative_to(root.parent).with_suffix("").parts)
+        found[module] = _imports(f, module.removesuffix(".__init__"))
+    return found
+
+
+def test_imports_resolve_as_python_does() -> None:
+    root = Path(ilr.__file__).parent
+    got = _imports(root / "measure" / "__init__.py", "ilr_inspect.measure")
+    assert {"ilr_inspect.invariance.unit.Unit", "ilr_inspect.measure.stream.stream_stats",
+            "ilr_inspect.measure.theory", "ilr_inspect.checkpoint.HParams"} <= got
+    assert "ilr_inspect.checkpoint.HParams" in _imports(root / "measure" / "theory.py", "ilr_inspect.measure.theory")
+    got = _imports(root / "invariance" / "__init__.py", "ilr_inspect.invariance")
+    assert {"ilr_inspect.invariance.rules.name_rule_units", "ilr_inspect.errors.ModelError"} <= got
+
+
+def test_measure_and_invariance_do_not_import_each_other() -> None:
+    """measure/ takes units and never detects; invariance/ detects and never measures; ilr_inspect.api joins them.
+    Only the Unit record (ilr_inspect.invariance.unit) is shared."""
+    def within(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for module, names in _package_imports("measure").items():
+        bad = {n for n in names if within(n, "ilr_inspect.invariance") and not within(n, "ilr_inspect.invariance.unit")}
+        assert not bad, f"{module} imports {sorted(bad)}"
+    for module, names in _package_imports("invariance").items():
+        bad = {n for n in names if within(n, "ilr_inspect.measure")}
+        assert not bad, f"{module} imports {sorted(bad)}"
+    import subprocess
+    import sys
+
+    code = ("import sys, ilr_inspect.invariance; print('ilr_inspect.measure' in sys.modules); "
+            "import ilr_inspect.measure; print('ilr_inspect.api' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_one_keyword_set_for_detection() -> None:
+    """units, norms and angles take the same detection keywords (keyword-only, same defaults and annotations), as
+    explicit parameters rather than a dict, plus the same shared ones."""
+    import inspect
+
+    from ilr_inspect import api
+    from ilr_inspect.invariance import detect_units
+
+    sigs = {name: inspect.signature(getattr(ilr, name)) for name in ("units", "norms", "angles")}
+    det = inspect.signature(detect_units).parameters
+    shared = (*api.DETECT_KEYWORDS, "quiet", "settings")
+    for name, sig in sigs.items():
+        params = sig.parameters
+        assert "detect_kwargs" not in params, name
+        assert list(params)[-1] == "series_kwargs" and params["series_kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+        for key in shared:
+            p = params[key]
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY, (name, key)
+            ref = sigs["units"].parameters[key]
+            assert (p.default, p.annotation) == (ref.default, ref.annotation), (name, key)
+        for key in api.DETECT_KEYWORDS:  # the same names and defaults as the detector they are passed to
+            assert params[key].default == det[key].default, (name, key)
+    assert sigs["norms"] == sigs["angles"]
+    run_params = inspect.signature(api.run).parameters
+    assert set(api.DETECT_KEYWORDS) <= set(run_params)
+
+
+def test_detection_keywords_reach_the_detector(tmp_path: Path) -> None:
+    """A units file given to norms/angles decides the units exactly as it does for units (one shared path)."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    _safetensors_series(ckpts)
+    ufile = tmp_path / "units.toml"
+    ufile.write_text('both = ["norm.weight", "fc.weight"]\n')
+    got = {name: getattr(ilr, name)(str(ckpts), units_file=ufile, read_logs=False) for name in
+           ("units", "norms", "angles")}
+    assert got["units"].rows["unit"].tolist() == ["both"]
+    assert set(got["norms"].rows["unit"]) == {"both"} == set(got["angles"].rows["unit"])
+    with ilr.open_series(ckpts, read_logs=False) as series:
+        a = series.checkpoints[0].read("norm.weight")
+        b = series.checkpoints[0].read("fc.weight")
+        want = float(np.sqrt(np.sum(np.asarray(a, np.float64) ** 2) + np.sum(np.asarray(b, np.float64) ** 2)))
+    rows = got["norms"].rows.set_index("step")
+    assert rows.loc[0, "norm"] == pytest.approx(want, rel=1e-6)

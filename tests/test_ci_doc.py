@@ -56,8 +56,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def expected_exit() -> int:
     """3 when a documented gate holds on the fixture according to the library's own tables, else 0."""
-    from ilr_inspect.invariance import units
-    from ilr_inspect.measure import angles
+    from ilr_inspect.api import angles, units
 
     unit_rows = units(str(CKPTS)).rows
     si = set(unit_rows.loc[unit_rows["scale_invariant"].astype(bool), "unit"])

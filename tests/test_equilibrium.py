@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,6 +175,7 @@ def _one_thread() -> Iterator[None]:
     (('checkpoints = "CKPTS"', 'checkpoints = "nowhere"'), "starts.checkpoints", "does not exist"),
     (('spec = "', 'nospec = "'), "model.nospec", "unknown key"),
     (("horizon = 1.0", "horizon = 0.1"), "protocol.eval_every", "smaller than protocol.horizon"),
+    (("horizon = 1.0", "horizon = 1.0\nfloor_tolerance = -0.1"), "protocol.floor_tolerance", "must be ≥ 0"),
     (('name = "sgdm"', 'name = "sgdm"\noptimizer = "lion"'), "arms[0].optimizer", "sgd, adamw"),
     (("momentum = 0.9", "momentum = 0.9\nbetas = [0.9, 0.99]"), "arms[0].betas", "adamw"),
     (('train = "', 'train = "missing/'), "data.train", "does not exist"),
@@ -536,6 +538,8 @@ def test_fec_sweep_config_is_a_clean_lambda_sweep() -> None:
     assert len(shared) == 1 and len({a.weight_decay for a in cfg.arms}) == len(cfg.arms)
     p = cfg.protocol
     assert p.input_noise > 0 and p.approach > p.tolerance and p.horizon >= 2 * p.window + 1
+    # the per-start floors are part of the rule, and the horizon leaves room for them (docs/equilibrium.md)
+    assert 0 < p.floor_tolerance < 0.5 and p.horizon >= 8
     # per-step angle of every arm well below the 0.1 rad where the small-step picture stops holding
     assert all(analysis.predicted_angle(a.optimizer, a.lr, a.weight_decay, a.momentum) < 0.05 for a in cfg.arms)
 
@@ -594,3 +598,109 @@ def test_decay_modes_pick_the_parameters_without_decay(tmp_path: Path) -> None:
         _no_decay(net, "scale-invariant", [])
     cfg = load_config(_write(tmp_path, _BASE.replace('decay = "weights"', 'decay = "scale-invariant"')))
     assert {a.decay for a in cfg.arms} == {"scale-invariant"}
+
+
+# ------------------------------------------------------------- the per-start floors must agree as well
+def _two_floors(floor: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Per-start floors (2, E) with mean ``floor`` and relative gap (largest − smallest)/mean = ``gap``."""
+    return np.stack([floor * (1 + gap / 2), floor * (1 - gap / 2)])
+
+
+def test_t_eq_waits_for_the_start_floors_to_agree() -> None:
+    times = np.round(np.arange(1, 41) * 0.1, 10)
+    floor = np.full_like(times, 0.2)
+    between = 0.2 + 0.6 * np.exp(-2 * times)  # ratio condition holds from t = 1.5 on (see above)
+    rule: dict[str, Any] = {"tolerance": 0.15, "window": 1.0, "width": 0.0, "approach": 0.3}
+    # floors 40 % apart until t = 2.5, equal after. The window [t, t + 1] holds 11 evaluations; its mean gap is
+    # 0.4·n/11 with n evaluations before 2.5: ≤ 0.2 needs n ≤ 5, first at t = 2.0 (2.0 … 2.4); t = 1.9 has n = 6
+    gap = np.where(times < 2.5 - 1e-9, 0.4, 0.0)
+    got = analysis.settle(times, between, floor, per_start=_two_floors(floor, gap), floor_tolerance=0.2, **rule)
+    assert got.t_eq == pytest.approx(2.0) and got.ratio_only == pytest.approx(1.5) and not got.started
+    assert got.approach == pytest.approx(1.1)
+    # the same floors with a looser tolerance: 0.4·6/11 = 0.218 passes 0.22 at t = 1.9 but not 0.4·7/11 at 1.8
+    loose = analysis.settle(times, between, floor, per_start=_two_floors(floor, gap), floor_tolerance=0.22, **rule)
+    assert loose.t_eq == pytest.approx(1.9)
+    # a gap that never closes: not equilibrated, although the ratio alone says 1.5
+    stuck = analysis.settle(times, between, floor, per_start=_two_floors(floor, np.full_like(times, 0.3)),
+                            floor_tolerance=0.2, **rule)
+    assert math.isnan(stuck.t_eq) and not stuck.started and stuck.ratio_only == pytest.approx(1.5)
+    # without per-start floors (or an infinite tolerance) the rule is the ratio rule
+    assert analysis.settle(times, between, floor, **rule).t_eq == pytest.approx(1.5)
+    assert analysis.settle(times, between, floor, per_start=_two_floors(floor, np.full_like(times, 0.3)),
+                           floor_tolerance=math.inf, **rule).t_eq == pytest.approx(1.5)
+
+
+def test_start_floors_match_float64_recomputation() -> None:
+    rng = np.random.default_rng(5)
+    dis = rng.random((4, 7, 7))
+    dis = (dis + dis.transpose(0, 2, 1)) / 2
+    groups = np.array([0, 0, 0, 1, 1, 1, 1])
+    counts = np.array([2.0, 0.0, 1.0, 1.0, 1.0, 0.0, 2.0])
+    got = analysis.start_floors(dis, groups, counts)
+    for s, members in ((0, [0, 1, 2]), (1, [3, 4, 5, 6])):
+        num = den = 0.0
+        for i in members:
+            for j in members:
+                if i != j:
+                    num = num + counts[i] * counts[j] * dis[:, i, j]
+                    den += counts[i] * counts[j]
+        np.testing.assert_allclose(got[s], num / den, rtol=1e-12)
+    # the pooled floor of `curves` is their pair-weighted mean: with equal starts and unit counts, the plain mean
+    g2 = np.repeat([0, 1], 3)
+    d2 = dis[:, :6, :6]
+    np.testing.assert_allclose(analysis.curves(d2, g2)[1], analysis.start_floors(d2, g2).mean(0), rtol=1e-12)
+
+
+def _label_draws(rng: np.random.Generator, truths: list[np.ndarray], p_wrong: np.ndarray, seeds: int) -> np.ndarray:
+    """Predictions (E, seeds, N): the start's label per input (``truths[e]``), replaced by a random label with
+    probability ``p_wrong[e]`` independently per seed and input."""
+    n = len(truths[0])
+    wrong = rng.random((len(truths), seeds, n)) < p_wrong[:, None, None]
+    return np.where(wrong, rng.integers(0, 10, (len(truths), seeds, n)), np.stack(truths)[:, None, :])
+
+
+@pytest.mark.parametrize("late_noise", [(0.2, 0.2), (0.3, 0.1)])
+def test_bootstrap_estimate_applies_the_floor_rule(late_noise: tuple[float, float]) -> None:
+    # two starts that predict different labels until t = 1, then the same labels; afterwards either equally
+    # noisy (equilibrium: t_eq after the approach) or one start's copies much noisier than the other's (the
+    # ratio rule would call that equilibrated; the floors say not)
+    rng = np.random.default_rng(11)
+    times = np.round(np.arange(1, 31) * 0.1, 10)
+    ta, tb = rng.integers(0, 10, 500), rng.integers(0, 10, 500)
+    early = times <= 1.0 + 1e-9
+    truth_b = [tb if e else ta for e in early]
+    pa = np.where(early, 0.2, late_noise[0])
+    pb = np.where(early, 0.2, late_noise[1])
+    preds = np.concatenate([_label_draws(rng, [ta] * len(times), pa, 8), _label_draws(rng, truth_b, pb, 8)], 1)
+    groups = np.repeat([0, 1], 8)
+    dis = (preds[:, :, None, :] != preds[:, None, :, :]).mean(-1)
+    def estimate(floor_tolerance: float) -> analysis.TeqEstimate:
+        return analysis.t_eq_with_bootstrap(times, dis, groups, tolerance=0.15, window=1.0, width=0.0,
+                                            resamples=100, seed=2, floor_tolerance=floor_tolerance)
+
+    ratio, both = estimate(math.inf), estimate(0.2)
+    assert ratio.t_eq == pytest.approx(1.1)  # the first evaluation after the labels agree
+    if late_noise[0] == late_noise[1]:
+        assert both.t_eq == pytest.approx(1.1) and np.mean(np.isfinite(both.replicates)) > 0.95
+    else:
+        assert math.isnan(both.t_eq) and both.settling.ratio_only == pytest.approx(1.1)
+        assert not np.any(np.isfinite(both.replicates))  # no resample of the seeds settles either
+
+
+def test_floor_tolerance_exceeds_the_sampling_spread_of_the_gap_with_8_seeds() -> None:
+    # Under equilibrium (both starts' copies from one distribution) the measured gap is sampling noise only. With
+    # 8 seeds per start and the whole window drawn once (fully correlated evaluations: the worst case), its 95th
+    # percentile over independent repetitions stays below the bundled tolerance of 0.2: an equilibrated arm
+    # fails the floor check by chance in < 5 % of runs.
+    cfg = load_config(FEC_SWEEP / "ilr.toml")
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 10, 500)
+    groups = np.repeat([0, 1], cfg.protocol.seeds)
+    gaps = []
+    for _ in range(200):
+        p = rng.uniform(0.15, 0.3, size=(len(groups), 1))  # seeds differ in how noisy they are
+        wrong = rng.random((len(groups), 500)) < p
+        preds = np.where(wrong, rng.integers(0, 10, (len(groups), 500)), truth)
+        dis = (preds[None, :, None, :] != preds[None, None, :, :]).mean(-1)
+        gaps.append(analysis.floor_gap(analysis.start_floors(dis, groups)[:, 0]))
+    assert np.percentile(gaps, 95) < cfg.protocol.floor_tolerance

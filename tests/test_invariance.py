@@ -320,7 +320,8 @@ def test_units_from_an_existing_measurement_reads_nothing_again() -> None:
 
     import pandas as pd
 
-    from ilr_inspect.invariance import detect_units, units
+    from ilr_inspect.api import units
+    from ilr_inspect.invariance import detect_units
     from ilr_inspect.measure import measure
     from ilr_inspect.series import open_series
 

@@ -202,3 +202,12 @@ def test_orbax_unreadable_run_metadata_is_a_warning(tmp_path: Path) -> None:
     _check_against_truth(table, truth)  # inject_hyperparams still gives lr / wd / β1
     assert table["wd_mode"].isna().all()  # the optimizer name (adamw) was only in the run metadata
     assert "_ROOT_METADATA not read" in " ".join(err.split())
+
+
+def test_keras_run_root_is_the_series_below_with_the_final_save_named() -> None:
+    # The folder a user types is the run's root: ckpts/ (ModelCheckpoint) plus model.save()'s model.keras.
+    truth = _truth("keras_weights_only")
+    table, err = _hparams(LAYOUTS / "keras_weights_only")
+    assert sorted(table["step"].unique()) == sorted(c["step"] for c in truth["checkpoints"])
+    assert "model.keras: a single file beside the series below it" in err
+    _check_against_truth(table, truth)

@@ -373,8 +373,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_exit_code_3_exactly_when_the_gate_holds(tiny_run: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from ilr_inspect.api import angles
     from ilr_inspect.cli import app
-    from ilr_inspect.measure import angles
 
     rows = angles(str(tiny_run)).rows  # the library's angles table, computed independently of the report
     si = rows[rows["unit"].isin(_si_units_of(tiny_run))]
@@ -402,7 +402,7 @@ def test_cli_exit_code_3_exactly_when_the_gate_holds(tiny_run: Path, tmp_path: P
 
 
 def _si_units_of(folder: Path) -> set[str]:
-    from ilr_inspect.invariance import units
+    from ilr_inspect.api import units
 
     frame = units(str(folder), measure_regime=False).rows
     return set(frame.loc[frame["scale_invariant"].astype(bool), "unit"])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ilr_inspect.measure import angles, norms, stream
+from ilr_inspect.api import angles, norms
+from ilr_inspect.measure import stream
 from ilr_inspect.output import to_json_obj
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from ilr_inspect.api import norms
 from ilr_inspect.invariance.unit import Unit
-from ilr_inspect.measure import norms
 from ilr_inspect.measure.regime import classify
 from ilr_inspect.measure.step_angle import block_angles
 
@@ -185,7 +185,7 @@ def test_equilibrium_run_every_200_steps() -> None:
     """A real SGDM BN CNN (fixtures/make_step_angle.py) saved every 200 steps with its optimizer state."""
     import json
 
-    from ilr_inspect.measure import run
+    from ilr_inspect.api import run
 
     folder = FIXTURES / "equilibrium"
     truth = json.loads((folder / "truth.json").read_text())
@@ -213,7 +213,7 @@ def test_equilibrium_run_every_200_steps() -> None:
 
 @pytest.mark.skipif(not (FIXTURES / "periodic").is_dir(), reason="fixture not generated")
 def test_periodic_run() -> None:
-    from ilr_inspect.measure import run
+    from ilr_inspect.api import run
 
     m = run(FIXTURES / "periodic")
     unit = next(u for u in m.units if u.members == ("3.weight",))
@@ -385,7 +385,7 @@ def test_reader_loaders_on_committed_fixtures() -> None:
 
 def test_equilibrium_by_stationarity_when_no_optimizer_state(tmp_path: Path) -> None:
     """The same real run saved without optimizer state: the verdict rests on stationarity, and says so."""
-    from ilr_inspect.measure import run
+    from ilr_inspect.api import run
 
     for f in sorted((FIXTURES / "equilibrium").glob("*.pt")):
         ck = torch.load(f, weights_only=True)

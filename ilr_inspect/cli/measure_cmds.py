@@ -72,8 +72,7 @@ class DetectOptions:
 
 def _run(kind: str, paths: list[str], per_tensor: bool, detect: DetectOptions, hp: HParamOptions,
          so: SeriesOptions) -> Result:
-    from ..invariance import units
-    from ..measure import angles, norms
+    from ..api import angles, norms, units
 
     gran = choice(detect.granularity)
     settings = {**detect.settings(), **so.settings(), **hp.settings()}
@@ -84,7 +83,7 @@ def _run(kind: str, paths: list[str], per_tensor: bool, detect: DetectOptions, h
         else:
             fn = norms if kind == "norms" else angles
             result = fn(series, per_tensor=per_tensor, granularity=gran, quiet=so.quiet,
-                        settings={**settings, "per_tensor": per_tensor}, detect_kwargs=kw)
+                        settings={**settings, "per_tensor": per_tensor}, **kw)
     print_warnings(series, so.quiet)
     return result
 

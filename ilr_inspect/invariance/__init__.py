@@ -1,5 +1,6 @@
 """Scale-invariant unit detection in tiers (docs/theory.md §2): user file > functional > graph > name rules, with a
-trajectory cross-check. ``detect_units`` returns the decisions; ``units`` adds each unit's regime as a Result.
+trajectory cross-check. ``detect_units`` returns the decisions; :func:`ilr_inspect.api.units` adds each unit's
+regime as a Result. Nothing here imports :mod:`ilr_inspect.measure` (measuring takes units; it never detects).
 """
 
 from __future__ import annotations
@@ -8,10 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from ..checkpoint import Checkpoint
-from ..output import Result, provenance
 from .rules import name_rule_units
 from .unit import EVIDENCE_RANK, Unit, unit_name
 
@@ -19,10 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..measure import Measurement, SeriesLike
-    from ..series import SeriesSource
-
-__all__ = ["Unit", "detect_units", "name_map", "units"]
+__all__ = ["Unit", "detect_units", "name_map"]
 
 
 def name_map(module_names: Sequence[str], ckpt_names: Sequence[str]) -> dict[str, str]:
@@ -142,60 +137,3 @@ def detect_units(checkpoint: Checkpoint, *, model: nn.Module | None = None, prob
         units_ = [u.with_(kind="tensor") if u.kind in ("channel", "group") else u for u in units_]
     return [u for u in units_ if any(m in params for m in u.members)]
 
-
-def units(source: SeriesSource, *, model: nn.Module | None = None,
-          probe: torch.Tensor | None = None, graph: Any = None, granularity: str = "tensor",
-          units_file: str | Path | None = None, quiet: bool = True,
-          settings: dict[str, Any] | None = None, measure_regime: bool = True,
-          param_names: Mapping[str, str] | None = None, measurement: Measurement | None = None,
-          **series_kwargs: Any) -> Result:
-    """The decision table (docs/cli.md, ``units``): one row per unit with evidence, reason and regime.
-
-    ``measurement``: a pass already made by :func:`ilr_inspect.measure.measure` (the report's); its units and
-    regimes are used as they are, so nothing is detected or read again.
-    """
-    from ..series import borrow
-
-    with borrow(source, **series_kwargs) as series:
-        return _units(series, model=model, probe=probe, graph=graph, granularity=granularity,
-                      units_file=units_file, quiet=quiet, settings=settings, measure_regime=measure_regime,
-                      param_names=param_names, measurement=measurement)
-
-
-def _units(series: SeriesLike, *, model: nn.Module | None, probe: torch.Tensor | None, graph: Any,
-           granularity: str, units_file: str | Path | None, quiet: bool, settings: dict[str, Any] | None,
-           measure_regime: bool, param_names: Mapping[str, str] | None, measurement: Measurement | None) -> Result:
-    from ..measure import measure
-    from .trajectory import cross_check
-
-    if not series.checkpoints:
-        from ..errors import EmptySeriesError
-
-        raise EmptySeriesError("no checkpoints in the series", hint="check the path or glob")
-    m = measurement
-    found = m.units if m is not None else detect_units(
-        series.checkpoints[0], model=model, probe=probe, graph=graph, granularity=granularity,
-        units_file=units_file, param_names=param_names)
-    regimes: dict[str, Any] = {}
-    checks: dict[str, str] = {}
-    warnings: list[str] = []
-    if m is None and measure_regime:
-        m = measure(series, found, granularity=granularity, quiet=quiet)
-    if m is not None:
-        regimes = m.regimes
-        checks = cross_check(m.norms, m.angles)
-        warnings = m.warnings
-    rows = []
-    for u in found:
-        reg = regimes.get(u.name)
-        rows.append({
-            "unit": u.name, "members": u.members_text, "kind": u.kind, "scale_invariant": u.scale_invariant,
-            "evidence": u.evidence, "reason": u.reason, "regime": reg.regime if reg else "undetermined",
-            "regime_detail": reg.detail if reg else "not measured",
-            "role": u.role, "heuristic": u.heuristic, "confidence": u.confidence, "deviation": u.deviation,
-            "normalizer": u.normalizer, "source": u.source or "", "groups": u.groups, "n_members": len(u.members),
-            "trajectory_check": checks.get(u.name, "") if u.scale_invariant else "",
-        })
-    meta = provenance([c.path for c in series.checkpoints], settings or {})
-    meta["warnings"] = warnings
-    return Result("units", pd.DataFrame(rows), meta)

@@ -1,15 +1,15 @@
 """Norms, effective and intrinsic LR, intrinsic time and angular updates per unit — one pass over the series.
 
-``measure(series, units)`` computes everything together (each checkpoint file read once); ``norms`` and
-``angles`` are its two tables as :class:`~ilr_inspect.output.Result` objects.
+``measure(series, units)`` computes everything together (each checkpoint file read once); the public ``norms`` and
+``angles`` (:mod:`ilr_inspect.api`) are its two tables as Results. This package takes units from its caller and
+never imports the detectors in :mod:`ilr_inspect.invariance` (only the :class:`Unit` record).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,8 +17,6 @@ import pandas as pd
 
 from ..checkpoint import Checkpoint, HParams
 from ..invariance.unit import Unit
-from ..output import Result, provenance
-from ..series import SeriesSource, borrow
 from . import step_angle, theory
 from .regime import Regime, classify
 from .stream import TensorStats, stream_stats
@@ -328,59 +326,4 @@ def _current_segment(tr: _Track) -> list[int]:
     return idx if len(idx) >= 3 else list(range(n))
 
 
-def _inputs(series: SeriesLike) -> list[Path]:
-    return [c.path for c in series.checkpoints]
-
-
-def run(source: SeriesSource, *, units: Sequence[Unit] | None = None,
-        per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-        settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
-        **series_kwargs: Any) -> Measurement:
-    with borrow(source, **series_kwargs) as series:
-        return _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
-
-
-def _run(series: SeriesLike, units: Sequence[Unit] | None, per_tensor: bool, granularity: str, quiet: bool,
-         detect_kwargs: dict[str, Any] | None) -> Measurement:
-    if units is None:
-        from ..invariance import detect_units
-
-        cks = series.checkpoints
-        units = detect_units(cks[0], granularity=granularity, **(detect_kwargs or {})) if cks else []
-    return measure(series, units, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
-
-
-def _meta(series_paths: Iterable[Path], m: Measurement, settings: dict[str, Any] | None) -> dict[str, Any]:
-    meta = provenance(list(series_paths), settings or {})
-    meta["warnings"] = m.warnings
-    meta["units"] = [{"unit": u.name, "members": list(u.members), "kind": u.kind, "evidence": u.evidence,
-                      "scale_invariant": u.scale_invariant} for u in m.units]
-    return meta
-
-
-def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None,
-          per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-          settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
-          **series_kwargs: Any) -> Result:
-    """Per unit (or ``per_tensor``: per parameter tensor) and checkpoint: norm, effective/intrinsic LR, predictions."""
-    with borrow(source, **series_kwargs) as series:
-        m = _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
-    rows = m.per_tensor if per_tensor else m.norms
-    if per_tensor and not rows.empty:
-        cols = ["step", "checkpoint", "parameter", *[c for c in rows.columns if c not in ("step", "checkpoint",
-                                                                                          "parameter")]]
-        rows = rows[cols]
-    return Result("norms", rows, _meta(_inputs(series), m, settings))
-
-
-def angles(source: SeriesSource, *, units: Sequence[Unit] | None = None,
-           per_tensor: bool = False, granularity: str = "tensor", quiet: bool = True,
-           settings: dict[str, Any] | None = None, detect_kwargs: dict[str, Any] | None = None,
-           **series_kwargs: Any) -> Result:
-    """Per consecutive checkpoint pair and unit: cosine, angle, per step and per √step, vs the prediction."""
-    with borrow(source, **series_kwargs) as series:
-        m = _run(series, units, per_tensor, granularity, quiet, detect_kwargs)
-    return Result("angles", m.per_tensor_angles if per_tensor else m.angles, _meta(_inputs(series), m, settings))
-
-
-__all__ = ["Measurement", "SeriesLike", "angles", "measure", "norms", "run"]
+__all__ = ["Measurement", "SeriesLike", "measure"]

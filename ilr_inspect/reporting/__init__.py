@@ -189,7 +189,8 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
                     units_file: str | Path | None) -> ReportTables:
     """The other commands' tables, from their library functions, reading every checkpoint once: one measurement
     pass gives the norms and angles rows and the regimes the units table reports."""
-    from ..invariance import detect_units, units
+    from ..api import units
+    from ..invariance import detect_units
     from ..inventory import hparams, ls
     from ..measure import measure
 

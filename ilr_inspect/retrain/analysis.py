@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,40 +54,78 @@ def smooth(times: np.ndarray, x: np.ndarray, width: float) -> np.ndarray:
     return np.array([np.mean(x[np.abs(times - t) <= h]) for t in times])
 
 
+def start_floors(dis: np.ndarray, groups: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Each start's own noise floor per evaluation, (S, E): mean disagreement between different seeds of that
+    start (weighted by how often each branch is drawn). NaN for a start with fewer than two distinct branches."""
+    c = np.ones(len(groups)) if counts is None else counts
+    out = np.full((len(np.unique(groups)), len(dis)), np.nan)
+    for i, g in enumerate(np.unique(groups)):
+        m = np.nonzero(groups == g)[0]
+        w = c[m][:, None] * c[m][None, :]
+        np.fill_diagonal(w, 0.0)
+        if w.sum() > 0:
+            out[i] = np.einsum("eij,ij->e", dis[:, m][:, :, m], w) / w.sum()
+    return out
+
+
+def floor_gap(per_start: np.ndarray) -> float:
+    """(largest − smallest) of the per-start floors (S,), relative to their mean."""
+    mean = float(np.mean(per_start))
+    return float((np.max(per_start) - np.min(per_start)) / mean) if mean > 0 else math.nan
+
+
 @dataclass(frozen=True)
 class Settling:
     t_eq: float  # first settled evaluation time after an approach (NaN otherwise)
     approach: float  # last time before t_eq at which the distance was clearly above the floor (NaN: none)
     started: bool  # the curves settled without having been clearly above the floor first
+    ratio_only: float = math.nan  # first time the between/floor condition alone held for a window (diagnostic)
 
 
 def settle(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
-           width: float, approach: float) -> Settling:
+           width: float, approach: float, per_start: np.ndarray | None = None,
+           floor_tolerance: float = math.inf) -> Settling:
     """The t_eq rule (docs/equilibrium.md): the first evaluation time t with smoothed between ≤ (1 + tolerance)·
-    smoothed floor at every evaluation in [t, t + window] (the window must end before the horizon), counted only
-    when some earlier evaluation had between > (1 + approach)·floor. Without that approach the starts were
-    already indistinguishable and there is nothing to time: ``started`` is set and t_eq is NaN. So t_eq can never
-    be the first evaluation."""
+    smoothed floor at every evaluation in [t, t + window] (the window must end before the horizon) and, when
+    ``per_start`` floors (S, E) are given, the starts' own floors averaged over that same window within
+    ``floor_tolerance`` of each other (relative to their mean). At equilibrium the network's distribution no
+    longer depends on the start, so its spread (each start's floor) must agree too: the between/floor ratio alone
+    is ≈ 1 whenever the cross-distance sits between two unequal floors. Counted only when some earlier evaluation
+    had between > (1 + approach)·floor. Without that approach the starts were already indistinguishable and there
+    is nothing to time: ``started`` is set and t_eq is NaN. So t_eq can never be the first evaluation."""
     b, f = smooth(times, between, width), smooth(times, floor, width)
     if len(b) == 0 or not np.all(np.isfinite(b)) or not np.all(np.isfinite(f)):
         return Settling(math.nan, math.nan, False)
     ok = b <= (1.0 + tolerance) * f + 1e-12
     above = b > (1.0 + approach) * f
+    check_floors = per_start is not None and math.isfinite(floor_tolerance)
+    ratio_only = math.nan
     for i, t in enumerate(times):
         if t + window > times[-1] + 1e-9:
             break
-        if np.all(ok[i:][times[i:] <= t + window + 1e-9]):
-            before = np.nonzero(above[:i])[0]
-            if len(before) == 0:
-                return Settling(math.nan, math.nan, True)
-            return Settling(float(t), float(times[before[-1]]), False)
-    return Settling(math.nan, math.nan, False)
+        win = (times >= t - 1e-9) & (times <= t + window + 1e-9)
+        if not np.all(ok[win]):
+            continue
+        if math.isnan(ratio_only):
+            ratio_only = float(t)
+        if check_floors:
+            assert per_start is not None
+            gap = floor_gap(per_start[:, win].mean(1))
+            if not gap <= floor_tolerance + 1e-12:  # NaN (a start without a floor) never agrees
+                continue
+        before = np.nonzero(above[:i])[0]
+        if len(before) == 0:
+            return Settling(math.nan, math.nan, True, ratio_only)
+        return Settling(float(t), float(times[before[-1]]), False, ratio_only)
+    return Settling(math.nan, math.nan, False, ratio_only)
 
 
 def settle_time(times: np.ndarray, between: np.ndarray, floor: np.ndarray, *, tolerance: float, window: float,
-                width: float, approach: float = 0.3) -> float:
+                width: float, approach: float = 0.3, per_start: np.ndarray | None = None,
+                floor_tolerance: float = math.inf) -> float:
     """t_eq of :func:`settle` (NaN when not settled or settled without an approach)."""
-    return settle(times, between, floor, tolerance=tolerance, window=window, width=width, approach=approach).t_eq
+    return settle(times, between, floor, tolerance=tolerance, window=window, width=width, approach=approach,
+                  per_start=per_start, floor_tolerance=floor_tolerance).t_eq
 
 
 @dataclass(frozen=True)
@@ -101,12 +140,15 @@ class TeqEstimate:
 
 
 def t_eq_with_bootstrap(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, *, tolerance: float,
-                        window: float, width: float, resamples: int, seed: int, approach: float = 0.3) -> TeqEstimate:
-    """t_eq and a 95 % percentile interval from resampling seeds (branches) within each start; also the noise
-    floor over the final window (the last ``window`` of intrinsic time) and its bootstrap relative error."""
+                        window: float, width: float, resamples: int, seed: int, approach: float = 0.3,
+                        floor_tolerance: float = math.inf) -> TeqEstimate:
+    """t_eq and a 95 % percentile interval from resampling seeds (branches) within each start (the per-start
+    floors are resampled with them); also the noise floor over the final window (the last ``window`` of
+    intrinsic time) and its bootstrap relative error."""
     between, floor = curves(dis, groups)
-    rule = {"tolerance": tolerance, "window": window, "width": width, "approach": approach}
-    point = settle(times, between, floor, **rule)
+    rule: dict[str, Any] = {"tolerance": tolerance, "window": window, "width": width, "approach": approach,
+                            "floor_tolerance": floor_tolerance}
+    point = settle(times, between, floor, per_start=start_floors(dis, groups), **rule)
     tail = times >= times[-1] - window - 1e-9
     floor_end = float(np.mean(floor[tail])) if len(times) else math.nan
     rng = np.random.default_rng(seed)
@@ -119,7 +161,7 @@ def t_eq_with_bootstrap(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, 
             np.add.at(counts, rng.choice(m, size=len(m), replace=True), 1.0)
         bb, ff = curves(dis, groups, counts)
         if np.all(np.isfinite(ff)):
-            reps[b] = settle(times, bb, ff, **rule).t_eq
+            reps[b] = settle(times, bb, ff, per_start=start_floors(dis, groups, counts), **rule).t_eq
             floor_reps[b] = float(np.mean(ff[tail]))
     finite = reps[np.isfinite(reps)]
     # The interval covers the replicates that settle; the share that does not is reported next to it.
@@ -140,16 +182,7 @@ def floor_spread(times: np.ndarray, dis: np.ndarray, groups: np.ndarray, window:
     if len(times) == 0:
         return math.nan
     tail = times >= times[-1] - window - 1e-9
-    d = dis[tail].mean(0)
-    per_start = []
-    for g in np.unique(groups):
-        m = np.nonzero(groups == g)[0]
-        if len(m) < 2:
-            return math.nan
-        block = d[np.ix_(m, m)]
-        per_start.append(float((block.sum() - np.trace(block)) / (len(m) * (len(m) - 1))))
-    pooled = float(np.mean(per_start))
-    return (max(per_start) - min(per_start)) / pooled if pooled > 0 else math.nan
+    return floor_gap(start_floors(dis[tail], groups).mean(1))
 
 
 def predicted_angle(optimizer: str, lr: float, weight_decay: float, momentum: float) -> float:

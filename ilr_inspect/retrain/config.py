@@ -24,7 +24,7 @@ _MODEL = {"spec"}
 _DATA = {"npz", "train", "test", "factory", "probe"}
 _STARTS = {"checkpoints", "select", "step_regex"}
 _PROTOCOL = {"horizon", "eval_every", "seeds", "tolerance", "approach", "window", "smooth", "bootstrap", "seed",
-             "input_noise", "eval_batch", "norm_tolerance"}
+             "input_noise", "eval_batch", "norm_tolerance", "floor_tolerance"}
 _ARM = {"name", "optimizer", "lr", "weight_decay", "intrinsic_lr", "momentum", "betas", "eps", "batch_size",
         "seeds", "input_noise", "decay"}
 
@@ -37,6 +37,7 @@ class ProtocolSpec:
     tolerance: float = 0.15  # equilibrated when between-start distance ≤ (1 + tolerance) · noise floor
     approach: float = 0.3  # ... after having been > (1 + approach) · floor (else: started at equilibrium)
     window: float = 1.0  # ... and stays so for at least this much intrinsic time before the horizon
+    floor_tolerance: float = 0.2  # ... while the starts' own noise floors agree to within this fraction there
     smooth: float = 0.3  # width (intrinsic time) of the centred moving average applied to both curves
     bootstrap: int = 200  # resamples over seeds for the t_eq interval
     seed: int = 0  # base seed: batch order, input noise
@@ -231,6 +232,7 @@ def _protocol(path: Path, p: dict[str, Any]) -> ProtocolSpec:
         tolerance=_num(path, k + "tolerance", p.get("tolerance", d.tolerance), lo=0.0),
         approach=_num(path, k + "approach", p.get("approach", d.approach), lo=0.0),
         window=_num(path, k + "window", p.get("window", d.window), lo=0.0),
+        floor_tolerance=_num(path, k + "floor_tolerance", p.get("floor_tolerance", d.floor_tolerance), lo=0.0),
         smooth=_num(path, k + "smooth", p.get("smooth", d.smooth), lo=0.0),
         bootstrap=int(_num(path, k + "bootstrap", p.get("bootstrap", d.bootstrap), lo=0, integer=True)),
         seed=int(_num(path, k + "seed", p.get("seed", d.seed), lo=0, integer=True)),

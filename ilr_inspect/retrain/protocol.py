@@ -227,7 +227,8 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
     # construction and says nothing about the noise.
     est = analysis.t_eq_with_bootstrap(times[1:], dis[1:], groups, tolerance=proto.tolerance, window=proto.window,
                                        width=proto.smooth, resamples=proto.bootstrap, seed=_seed(proto.seed, 99),
-                                       approach=proto.approach)
+                                       approach=proto.approach, floor_tolerance=proto.floor_tolerance)
+    gap_end = analysis.floor_spread(times[1:], dis[1:], groups, proto.window)
     norms = np.stack([np.sqrt((r["si_norms"] ** 2).sum(1)) for r in records]) if records[0]["si_norms"].size else (
         np.zeros((len(records), 0)))
     losses = np.stack([r["train_loss"] for r in records[1:]]) if len(records) > 1 else np.zeros((0, 0))
@@ -245,6 +246,12 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
             f"the between-start distance was never above (1+{proto.approach:g})× the noise floor before it settled: "
             "the starts were already indistinguishable after the first evaluation interval, so there is no "
             "approach to time (use starts that differ more, or a finer eval_every)")
+    elif math.isfinite(est.settling.ratio_only):
+        status, detail = analysis.NOT_EQUILIBRATED, (
+            f"between-start distance within (1+{proto.tolerance:g})× the noise floor from "
+            f"{est.settling.ratio_only:g}/λ_e on, but the starts' own noise floors never agreed within "
+            f"{proto.floor_tolerance:g} over the same window before the horizon (final window: they differ by "
+            f"{gap_end:.0%}): the retrained copies still depend on the start")
     else:
         status, detail = analysis.NOT_EQUILIBRATED, (
             f"between-start distance never within (1+{proto.tolerance:g})× the noise floor for a whole window of "
@@ -280,7 +287,8 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
         "approach_steps": est.settling.approach / lam if ok else math.nan,
         "noise_floor": est.floor_end,
         "noise_floor_rse": est.floor_rse,
-        "floor_spread": analysis.floor_spread(times[1:], dis[1:], groups, proto.window),
+        "floor_spread": gap_end,
+        "ratio_settled_intrinsic": est.settling.ratio_only,  # when the between/floor condition alone held
         "distance_between": float(sm_b[-1]),
         "label_l1": analysis.label_l1(last["preds"], groups, classes),
         "t_norm_steps": t_norm,
@@ -294,6 +302,7 @@ def summarize(arm: Arm, proto: ProtocolSpec, starts: Sequence[Start], records: S
         "tolerance": proto.tolerance,
         "approach": proto.approach,
         "window_intrinsic": proto.window,
+        "floor_tolerance": proto.floor_tolerance,
     }
     curve_rows: list[dict[str, Any]] = []
     for i, r in enumerate(records):
