@@ -572,15 +572,18 @@ def fec_exponent_figure(rows: pd.DataFrame, meta: dict[str, Any]) -> Figure | No
             alt.Tooltip("t_eq_low_steps:Q", format=".0f"), alt.Tooltip("t_eq_high_steps:Q", format=".0f"),
             alt.Tooltip("t_eq_intrinsic:Q", title="t_eq·λ_e", format=".3g")]
     base = alt.Chart(alt.NamedData(name="fec_points"))
+    # Interval rules only where both ends are known: a layer with no valid mark gives Vega an infinite extent.
+    has_interval = bool((pts["t_eq_low_steps"].notna() & pts["t_eq_high_steps"].notna()).any())
     layers: list[Any] = [
-        base.mark_rule(color="#1f77b4").encode(x=x, y="t_eq_low_steps:Q", y2="t_eq_high_steps:Q"),
+        *([base.mark_rule(color="#1f77b4").encode(x=x, y="t_eq_low_steps:Q", y2="t_eq_high_steps:Q")]
+          if has_interval else []),
         base.mark_point(filled=True, size=70, color="#1f77b4").encode(x=x, y=y, tooltip=tips),
         alt.Chart(alt.NamedData(name="fec_lines")).mark_line().encode(
             x=alt.X("inv_lr:Q", scale=alt.Scale(type="log")), y=alt.Y("t:Q", scale=alt.Scale(type="log")),
             color=alt.Color("line:N", scale=alt.Scale(domain=names, range=["#000000", "#888888"][-len(names):]),
                             legend=alt.Legend(orient="bottom", title=None)),
             strokeDash=alt.StrokeDash("line:N", scale=alt.Scale(domain=names, range=[[1, 0], [5, 4]][-len(names):]),
-                                      legend=None)),
+                                      legend=alt.Legend(orient="bottom", title=None))),  # one merged legend
     ]
     lo, hi = meta.get("exponent_low"), meta.get("exponent_high")
     interval = (f" (95 % interval [{lo:.3g}, {hi:.3g}])" if isinstance(lo, (int, float)) and isinstance(
