@@ -68,6 +68,18 @@ def run(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tensor
         return measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
 
 
+def _measured(source: SeriesSource, units: Sequence[Unit] | None, per_tensor: bool, model: nn.Module | None,
+              probe: torch.Tensor | None, graph: Any, granularity: str, units_file: str | Path | None,
+              param_names: Mapping[str, str] | None, quiet: bool,
+              series_kwargs: dict[str, Any]) -> tuple[Measurement, list[Path]]:
+    """One streamed pass for norms/angles, and the checkpoint paths it read (for provenance)."""
+    with borrow(source, **series_kwargs) as series:
+        found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
+                        units_file=units_file, param_names=param_names)
+        return (measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet),
+                _inputs(series))
+
+
 def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tensor: bool = False,
           model: nn.Module | None = None, probe: torch.Tensor | None = None, graph: Any = None,
           granularity: str = "tensor", units_file: str | Path | None = None,
@@ -77,15 +89,13 @@ def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tens
 
     ``units``: measure these instead of detecting them (then the detection keywords are unused).
     """
-    with borrow(source, **series_kwargs) as series:
-        found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
-                        units_file=units_file, param_names=param_names)
-        m = measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
+    m, inputs = _measured(source, units, per_tensor, model, probe, graph, granularity, units_file, param_names,
+                          quiet, series_kwargs)
     rows = m.per_tensor if per_tensor else m.norms
     if per_tensor and not rows.empty:
         first = ("step", "checkpoint", "parameter")
         rows = rows[[*first, *[c for c in rows.columns if c not in first]]]
-    return Result("norms", rows, _meta(_inputs(series), m, settings))
+    return Result("norms", rows, _meta(inputs, m, settings))
 
 
 def angles(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tensor: bool = False,
@@ -97,11 +107,9 @@ def angles(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_ten
 
     ``units``: measure these instead of detecting them (then the detection keywords are unused).
     """
-    with borrow(source, **series_kwargs) as series:
-        found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
-                        units_file=units_file, param_names=param_names)
-        m = measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
-    return Result("angles", m.per_tensor_angles if per_tensor else m.angles, _meta(_inputs(series), m, settings))
+    m, inputs = _measured(source, units, per_tensor, model, probe, graph, granularity, units_file, param_names,
+                          quiet, series_kwargs)
+    return Result("angles", m.per_tensor_angles if per_tensor else m.angles, _meta(inputs, m, settings))
 
 
 def units(source: SeriesSource, *, model: nn.Module | None = None, probe: torch.Tensor | None = None,

@@ -74,9 +74,8 @@ def check_depth(obj: Any, limit: int = MAX_DEPTH, *, path: Path | None = None, w
             stack.extend((c, d + 1) for c in children)
 
 
-def load_json(source: str | Path | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH,
-              path: Path | None = None, what: str = "JSON file") -> Any:
-    """Parse JSON from a file or bytes with size and nesting limits; errors name ``path``."""
+def _source_text(source: str | Path | bytes, max_bytes: int, path: Path | None, what: str) -> tuple[str, Path | None]:
+    """The text of ``source`` (bytes, or a file read with a size limit) and the path errors should name."""
     if isinstance(source, bytes):
         if len(source) > max_bytes:
             raise InputError(f"{what} is too large ({len(source)} bytes > limit {max_bytes})", hint=_PARSE_HINT,
@@ -85,7 +84,13 @@ def load_json(source: str | Path | bytes, *, max_bytes: int = MAX_JSON_BYTES, ma
     else:
         path = Path(source)
         data = _read_limited(path, max_bytes, what)
-    text = _text(data, path, what)
+    return _text(data, path, what), path
+
+
+def load_json(source: str | Path | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH,
+              path: Path | None = None, what: str = "JSON file") -> Any:
+    """Parse JSON from a file or bytes with size and nesting limits; errors name ``path``."""
+    text, path = _source_text(source, max_bytes, path, what)
     try:
         obj = json.loads(text)
     except RecursionError as exc:
@@ -171,15 +176,7 @@ def load_yaml(source: str | Path | bytes, *, max_bytes: int = MAX_YAML_BYTES, ma
     """Parse YAML as plain data: safe loader (Python tags become plain data), size, depth and alias limits."""
     import yaml
 
-    if isinstance(source, bytes):
-        if len(source) > max_bytes:
-            raise InputError(f"{what} is too large ({len(source)} bytes > limit {max_bytes})", hint=_PARSE_HINT,
-                             path=path)
-        data = source
-    else:
-        path = Path(source)
-        data = _read_limited(path, max_bytes, what)
-    text = _text(data, path, what)
+    text, path = _source_text(source, max_bytes, path, what)
     loader = _yaml_loader(max_depth)(text)
     try:
         node = loader.get_single_node()

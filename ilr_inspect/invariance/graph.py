@@ -379,10 +379,6 @@ def graph_units(g: IGraph, *, granularity: str = "tensor", max_merges: int = 64)
     return out
 
 
-def graph_from_path(path: Path) -> IGraph:
-    """A graph stored with the checkpoints: a torch.export ``.pt2`` file."""
-    return load_exported(path)
-
 
 def units_from_graph(g: IGraph, granularity: str = "tensor") -> list[Unit]:
     return graph_units(g, granularity=granularity)
