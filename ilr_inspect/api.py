@@ -12,13 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from .invariance import detect_units
-from .invariance.trajectory import cross_check
 from .invariance.unit import Unit
 from .measure import Measurement, SeriesLike, measure
-from .output import Result, provenance
+from .output import Records, Result, provenance
 from .series import SeriesSource, borrow
 
 if TYPE_CHECKING:
@@ -59,24 +56,30 @@ def _meta(series_paths: Iterable[Path], m: Measurement, settings: dict[str, Any]
 def run(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tensor: bool = False,
         model: nn.Module | None = None, probe: torch.Tensor | None = None, graph: Any = None,
         granularity: str = "tensor", units_file: str | Path | None = None,
-        param_names: Mapping[str, str] | None = None, quiet: bool = True,
+        param_names: Mapping[str, str] | None = None, quiet: bool = True, ray: str | None = None,
         **series_kwargs: Any) -> Measurement:
-    """The whole :class:`~ilr_inspect.measure.Measurement` (norms, angles, regimes) of one streamed pass."""
+    """The whole :class:`~ilr_inspect.measure.Measurement` (norms, angles, regimes) of one streamed pass.
+
+    ``ray``: a Ray address (``local``, ``auto``, ``host:port``) to run the pass on (``pip install
+    'ilr-inspect[ray]'``); None runs it in this process.
+    """
     with borrow(source, **series_kwargs) as series:
         found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
                         units_file=units_file, param_names=param_names)
-        return measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet)
+        return measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet, ray=ray,
+                       options=series_kwargs.get("options"))
 
 
 def _measured(source: SeriesSource, units: Sequence[Unit] | None, per_tensor: bool, model: nn.Module | None,
               probe: torch.Tensor | None, graph: Any, granularity: str, units_file: str | Path | None,
               param_names: Mapping[str, str] | None, quiet: bool,
-              series_kwargs: dict[str, Any]) -> tuple[Measurement, list[Path]]:
+              series_kwargs: dict[str, Any], ray: str | None = None) -> tuple[Measurement, list[Path]]:
     """One streamed pass for norms/angles, and the checkpoint paths it read (for provenance)."""
     with borrow(source, **series_kwargs) as series:
         found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
                         units_file=units_file, param_names=param_names)
-        return (measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet),
+        return (measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet, ray=ray,
+                        options=series_kwargs.get("options")),
                 _inputs(series))
 
 
@@ -84,17 +87,17 @@ def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tens
           model: nn.Module | None = None, probe: torch.Tensor | None = None, graph: Any = None,
           granularity: str = "tensor", units_file: str | Path | None = None,
           param_names: Mapping[str, str] | None = None, quiet: bool = True,
-          settings: dict[str, Any] | None = None, **series_kwargs: Any) -> Result:
+          settings: dict[str, Any] | None = None, ray: str | None = None, **series_kwargs: Any) -> Result:
     """Per unit (or ``per_tensor``: per parameter tensor) and checkpoint: norm, effective/intrinsic LR, predictions.
 
     ``units``: measure these instead of detecting them (then the detection keywords are unused).
     """
     m, inputs = _measured(source, units, per_tensor, model, probe, graph, granularity, units_file, param_names,
-                          quiet, series_kwargs)
-    rows = m.per_tensor if per_tensor else m.norms
-    if per_tensor and not rows.empty:
+                          quiet, series_kwargs, ray)
+    rows = m.tensor_rows if per_tensor else m.norm_rows
+    if per_tensor and len(rows):
         first = ("step", "checkpoint", "parameter")
-        rows = rows[[*first, *[c for c in rows.columns if c not in first]]]
+        rows = Records(rows.rows, [*first, *[c for c in rows.names() if c not in first]])
     return Result("norms", rows, _meta(inputs, m, settings))
 
 
@@ -102,21 +105,21 @@ def angles(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_ten
            model: nn.Module | None = None, probe: torch.Tensor | None = None, graph: Any = None,
            granularity: str = "tensor", units_file: str | Path | None = None,
            param_names: Mapping[str, str] | None = None, quiet: bool = True,
-           settings: dict[str, Any] | None = None, **series_kwargs: Any) -> Result:
+           settings: dict[str, Any] | None = None, ray: str | None = None, **series_kwargs: Any) -> Result:
     """Per consecutive checkpoint pair and unit: cosine, angle, per step and per √step, vs the prediction.
 
     ``units``: measure these instead of detecting them (then the detection keywords are unused).
     """
     m, inputs = _measured(source, units, per_tensor, model, probe, graph, granularity, units_file, param_names,
-                          quiet, series_kwargs)
-    return Result("angles", m.per_tensor_angles if per_tensor else m.angles, _meta(inputs, m, settings))
+                          quiet, series_kwargs, ray)
+    return Result("angles", m.tensor_angle_rows if per_tensor else m.angle_rows, _meta(inputs, m, settings))
 
 
 def units(source: SeriesSource, *, model: nn.Module | None = None, probe: torch.Tensor | None = None,
           graph: Any = None, granularity: str = "tensor", units_file: str | Path | None = None,
           param_names: Mapping[str, str] | None = None, quiet: bool = True,
           settings: dict[str, Any] | None = None, measure_regime: bool = True,
-          measurement: Measurement | None = None, **series_kwargs: Any) -> Result:
+          measurement: Measurement | None = None, ray: str | None = None, **series_kwargs: Any) -> Result:
     """The decision table (docs/cli.md, ``units``): one row per unit with evidence, reason and regime.
 
     ``measurement``: a pass already made by :func:`ilr_inspect.measure.measure` (the report's); its units and
@@ -135,8 +138,11 @@ def units(source: SeriesSource, *, model: nn.Module | None = None, probe: torch.
         checks: dict[str, str] = {}
         warnings: list[str] = []
         if m is None and measure_regime:
-            m = measure(series, found, granularity=granularity, quiet=quiet)
+            m = measure(series, found, granularity=granularity, quiet=quiet, ray=ray,
+                        options=series_kwargs.get("options"))
         if m is not None:
+            from .invariance.trajectory import cross_check  # pandas, only for the units table
+
             regimes = m.regimes
             checks = cross_check(m.norms, m.angles)
             warnings = m.warnings
@@ -154,4 +160,4 @@ def units(source: SeriesSource, *, model: nn.Module | None = None, probe: torch.
         })
     meta = provenance(inputs, settings or {})
     meta["warnings"] = warnings
-    return Result("units", pd.DataFrame(rows), meta)
+    return Result("units", Records(rows), meta)

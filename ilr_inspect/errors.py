@@ -22,7 +22,8 @@ class IlrError(Exception):
     def __init__(self, message: str, *, hint: str | None = None, path: str | Path | None = None) -> None:
         self.message = message
         self.hint = hint
-        self.path = Path(path) if path is not None else None
+        # A remote path (ilr_inspect.storage.RemotePath) is kept as is: it renders as its URL.
+        self.path = (path if hasattr(path, "read_range") else Path(path)) if path is not None else None  # type: ignore[assignment]
         super().__init__(self.render())
 
     def render(self) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from .output import Result, provenance
+from .output import Records, Result, provenance, whole_or_float
 from .series import Series, SeriesSource, borrow
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["HPARAM_COLUMNS", "changes", "hparams", "ls", "missing_note", "whole_or_float"]
 
 SeriesLike = SeriesSource  # kept for callers that imported the old name
 
@@ -42,10 +47,9 @@ def ls(paths: SeriesLike, **series_kwargs: Any) -> Result:
                 "epoch": c.metadata.get("epoch"),
                 "aliases": ", ".join(f"{a.path.name} ({a.how})" for a in series.aliases if a.same_as == c.path),
             })
-        frame = pd.DataFrame(rows, columns=["step", "step_source", "checkpoint", "format", "tensors", "bytes",
-                                            "hparams_source", "parameters", "epoch", "aliases"])
-        frame["step"] = whole_or_float(frame["step"])
-        frame["epoch"] = whole_or_float(frame["epoch"])  # HF trainer_state epochs are fractional (0.5)
+        # HF trainer_state epochs are fractional (0.5): step and epoch are whole numbers where they can be.
+        frame = Records(rows, ["step", "step_source", "checkpoint", "format", "tensors", "bytes", "hparams_source",
+                               "parameters", "epoch", "aliases"], {"step": "whole-or-float", "epoch": "whole-or-float"})
         meta = provenance([c.path for c in series], _settings(series))
         meta["axis"] = series.axis
         meta["aliases"] = [{"path": str(a.path), "same_as": str(a.same_as), "how": a.how} for a in series.aliases]
@@ -59,43 +63,40 @@ HPARAM_COLUMNS = ["step", "checkpoint", "parameter", "lr", "weight_decay", "mome
                   "wd_mode", "source", "lr_timing", "lr_source", "wd_source", "momentum_source"]
 
 
-def whole_or_float(col: pd.Series) -> pd.Series:
-    """A nullable integer column when every value is whole, else float: a missing or fractional value never
-    fails the cast (pandas refuses ``Int64`` for 0.5, and object columns mixing None and numbers)."""
-    values = pd.to_numeric(col, errors="coerce").astype("float64")
-    finite = values.dropna()
-    if bool((finite == finite.round()).all()) and bool((finite.abs() < 2**53).all()):
-        return values.astype("Int64")
-    return values
+def _na(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or type(v).__name__ == "NAType"
 
 
-def missing_note(frame: pd.DataFrame) -> str | None:
+def missing_note(frame: pd.DataFrame | Sequence[Mapping[str, Any]]) -> str | None:
     """One note naming the parameters left without an intrinsic LR (lr or weight decay missing, or no way to
-    tell how weight decay is applied) and the flags that supply what is missing."""
-    if frame.empty:
+    tell how weight decay is applied) and the flags that supply what is missing. ``frame``: hparams rows, as a
+    DataFrame or as plain dicts (no pandas needed)."""
+    rows: Sequence[Mapping[Any, Any]] = frame if isinstance(frame, Sequence) else frame.to_dict(orient="records")
+    if not rows:
         return None
-    no_lr = frame["lr"].isna()
-    no_wd = frame["weight_decay"].isna()
-    no_mode = frame["wd_mode"].isna() & frame["weight_decay"].fillna(0).ne(0)
-    bad = no_lr | no_wd | no_mode
-    if not bool(bad.any()):
+    no_lr = [_na(r["lr"]) for r in rows]
+    no_wd = [_na(r["weight_decay"]) for r in rows]
+    no_mode = [_na(r["wd_mode"]) and not _na(r["weight_decay"]) and r["weight_decay"] != 0 for r in rows]
+    no_opt = [_na(r["optimizer"]) for r in rows]
+    bad = [a or b or c for a, b, c in zip(no_lr, no_wd, no_mode, strict=True)]
+    if not any(bad):
         return None
-    params = list(dict.fromkeys(frame.loc[bad, "parameter"].astype(str)))
-    total = frame["parameter"].nunique()
-    ckpts = frame.loc[bad, "checkpoint"].nunique()
+    params = list(dict.fromkeys(str(r["parameter"]) for r, b in zip(rows, bad, strict=True) if b))
+    total = len({r["parameter"] for r in rows if not _na(r["parameter"])})
+    ckpts = len({r["checkpoint"] for r, b in zip(rows, bad, strict=True) if b and not _na(r["checkpoint"])})
     flags = []
-    if bool(no_lr.any()):
+    if any(no_lr):
         flags.append("--lr VALUE (learning rate)")
-    if bool(no_wd.any()):
+    if any(no_wd):
         flags.append("--wd VALUE (weight decay)")
-    if bool(no_mode.any()) or bool((no_wd & frame["optimizer"].isna()).any()):
+    if any(no_mode) or any(w and o for w, o in zip(no_wd, no_opt, strict=True)):
         flags.append("--optimizer sgd|adam|adamw|lion (how weight decay is applied)")
-    sgd = frame["optimizer"].fillna("").str.lower().str.startswith("sgd")
-    if bool((frame["momentum"].isna() & (sgd | frame["optimizer"].isna()) & bad).any()):
+    sgd = [not o and str(r["optimizer"]).lower().startswith("sgd") for r, o in zip(rows, no_opt, strict=True)]
+    if any(_na(r["momentum"]) and (s or o) and b for r, s, o, b in zip(rows, sgd, no_opt, bad, strict=True)):
         flags.append("--momentum VALUE (SGD momentum, 0 if none)")
     shown = ", ".join(params[:6]) + (f", … ({len(params) - 6} more)" if len(params) > 6 else "")
     lacking = "/".join(what for what, m in (("lr", no_lr), ("weight decay", no_wd),
-                                             ("how weight decay is applied", no_mode)) if bool(m.any()))
+                                             ("how weight decay is applied", no_mode)) if any(m))
     return (f"no intrinsic LR for {len(params)} of {total} parameters at {ckpts} checkpoint(s) ({shown}): the "
             f"files and logs do not give {lacking}; pass " + ", ".join(flags))
 
@@ -116,13 +117,11 @@ def hparams(paths: SeriesLike, *, trainable_only: bool = True, **series_kwargs: 
                     "lr_timing": hp.lr_timing if hp.lr is not None else None,
                     "lr_source": src["lr"], "wd_source": src["weight_decay"], "momentum_source": src["momentum"],
                 })
-        frame = pd.DataFrame(rows, columns=HPARAM_COLUMNS)
-        frame["step"] = whole_or_float(frame["step"])
-        for col in ("lr", "weight_decay", "momentum", "beta2"):
-            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+        frame = Records(rows, HPARAM_COLUMNS, {"step": "whole-or-float", "lr": "float64", "weight_decay": "float64",
+                                               "momentum": "float64", "beta2": "float64"})
         meta = provenance([c.path for c in series], _settings(series, {"trainable_only": trainable_only}))
         meta["axis"] = series.axis
-        note = missing_note(frame)
+        note = missing_note(rows)
         if note and note not in series.warnings:  # open_series already warned with the same line
             meta.setdefault("notes", []).append(note)
         return Result("hparams", frame, meta)

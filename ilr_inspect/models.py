@@ -366,7 +366,10 @@ def match_keys(module: torch.nn.Module, checkpoint: Checkpoint) -> LoadReport:
 
 def _to_tensor(arr: np.ndarray, like: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     import torch
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # a read-only map of the checkpoint: torch wants memory it may write
+        arr = arr.copy()
+    t = torch.from_numpy(arr)
     return t.to(device=device or like.device, dtype=like.dtype).reshape(like.shape)
 
 

@@ -6,7 +6,9 @@ atomically (temporary file in the target folder, then ``os.replace``) so a reade
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,28 +20,179 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import IO, Any, Literal
-
-import pandas as pd
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import __version__
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
 SCHEMA_VERSION = 1
 _PROVENANCE_PACKAGES = ("numpy", "pandas", "torch", "safetensors", "altair", "vl-convert-python")
 
 
+ColumnDtype = Literal["whole-or-float", "float64"]
+_MISSING = object()  # a key absent from a row: pandas fills it with NaN
+
+
+def _is_null(v: Any) -> bool:
+    """Missing in pandas' sense (None, NaN, pd.NA, NaT) without importing pandas."""
+    return v is None or v is _MISSING or (isinstance(v, float) and v != v) or type(v).__name__ in ("NAType",
+                                                                                                   "NaTType")
+
+
+def _to_float(v: Any) -> float:
+    return math.nan if v is None or v is _MISSING else float(v)
+
+
+def _whole_or_float_values(values: list[Any]) -> tuple[str, list[Any]]:
+    """The rule of :func:`whole_or_float` on plain values: ``Int64`` (ints and None) when every finite value is
+    whole and below 2**53, else ``float`` (NaN for missing)."""
+    floats = [_to_float(v) for v in values]
+    if all(math.isfinite(f) and f == math.floor(f) and abs(f) < 2**53 for f in floats if f == f):
+        return "Int64", [None if f != f else int(f) for f in floats]
+    return "float", floats
+
+
+def whole_or_float(col: pd.Series) -> pd.Series:
+    """A nullable integer column when every value is whole, else float: a missing or fractional value never
+    fails the cast (pandas refuses ``Int64`` for 0.5, and object columns mixing None and numbers)."""
+    import pandas as pd
+
+    values = pd.to_numeric(col, errors="coerce").astype("float64")
+    finite = values.dropna()
+    if bool((finite == finite.round()).all()) and bool((finite.abs() < 2**53).all()):
+        return values.astype("Int64")
+    return values
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _infer(values: list[Any]) -> tuple[str, list[Any]] | None:
+    """The dtype pandas gives a column built from these row values (``DataFrame(list_of_dicts)``), as a kind
+    (``int``, ``float``, ``bool``, ``object``) and the values as ``frame[c].tolist()`` returns them. None when
+    a value is of a type this does not cover (the caller then goes through pandas)."""
+    np = sys.modules.get("numpy")  # a NumPy scalar implies NumPy is loaded; nothing is imported for this
+    np_bool, np_int, np_float = (np.bool_, np.int64, np.float64) if np is not None else ((), (), ())
+    seen: set[str] = set()
+    for v in values:
+        if v is None:
+            seen.add("none")
+        elif v is _MISSING:
+            seen.add("nan")
+        elif type(v) is bool or isinstance(v, np_bool):
+            seen.add("bool")
+        elif type(v) is int or isinstance(v, np_int):
+            if not -(2**63) <= int(v) < 2**63:
+                return None
+            seen.add("int")
+        elif type(v) is float or isinstance(v, np_float):
+            seen.add("float")
+        elif type(v) is str:
+            seen.add("str")
+        else:
+            return None
+    if not seen or seen <= {"none"} or "str" in seen or ("bool" in seen and seen != {"bool"}):
+        return "object", [math.nan if v is _MISSING else v for v in values]
+    if seen == {"bool"}:
+        return "bool", [bool(v) for v in values]
+    if seen == {"int"}:
+        return "int", [int(v) for v in values]
+    return "float", [_to_float(v) for v in values]
+
+
+@dataclass
+class Records:
+    """A table as plain rows, typed the way pandas would type them but without importing pandas: the CLI renders
+    tables, CSV and JSON from it; the DataFrame is built on first use (:meth:`frame`).
+
+    ``columns``: the column order (default: keys in order of first appearance, as ``pandas.DataFrame(rows)``);
+    ``dtypes``: columns cast after construction (``whole-or-float``: :func:`whole_or_float`; ``float64``: numeric).
+    """
+
+    rows: list[dict[str, Any]]
+    columns: list[str] | None = None
+    dtypes: dict[str, ColumnDtype] = field(default_factory=dict)
+    _frame: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def names(self) -> list[str]:
+        if self.columns is not None:
+            return list(self.columns)
+        return list(dict.fromkeys(k for r in self.rows for k in r))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def frame(self) -> pd.DataFrame:
+        """The DataFrame (built once)."""
+        if self._frame is None:
+            import pandas as pd
+
+            frame = pd.DataFrame(self.rows, columns=self.columns) if self.columns is not None \
+                else pd.DataFrame(self.rows)
+            for col, dtype in self.dtypes.items():
+                if col in frame.columns:
+                    frame[col] = whole_or_float(frame[col]) if dtype == "whole-or-float" \
+                        else pd.to_numeric(frame[col], errors="coerce").astype("float64")
+            self._frame = frame
+        return self._frame  # type: ignore[no-any-return]
+
+    def typed(self) -> list[tuple[str, str, list[Any]]] | None:
+        """(name, kind, values) per column as the DataFrame would hold them (kinds: int, float, bool, Int64,
+        object); None when a value's type is not covered and only pandas can say."""
+        out = []
+        for name in self.names():
+            values = [r.get(name, _MISSING) for r in self.rows]
+            dtype = self.dtypes.get(name)
+            if dtype is not None:
+                if any(not (v is None or v is _MISSING or type(v) in (int, float)) for v in values):
+                    return None
+                kind, norm = _whole_or_float_values(values) if dtype == "whole-or-float" \
+                    else ("float", [_to_float(v) for v in values])
+            else:
+                got = _infer(values)
+                if got is None:
+                    return None
+                kind, norm = got
+            out.append((name, kind, norm))
+        return out
+
+
 @dataclass
 class Result:
-    """A tidy table plus the provenance and settings that produced it. Every library command returns one."""
+    """A tidy table plus the provenance and settings that produced it. Every library command returns one.
+
+    ``data`` is a DataFrame or :class:`Records`; ``rows`` is always the DataFrame (built on first access from
+    Records, so rendering a table, CSV or JSON never needs pandas)."""
 
     kind: str
-    rows: pd.DataFrame
+    data: Any  # pd.DataFrame | Records
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        return self.data.frame() if isinstance(self.data, Records) else self.data
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.rows
 
     @property
     def schema(self) -> str:
         return f"ilr-inspect/{self.kind}/v{SCHEMA_VERSION}"
+
+    def columns(self) -> list[str]:
+        return self.data.names() if isinstance(self.data, Records) else [str(c) for c in self.data.columns]
+
+    def column_values(self) -> list[tuple[str, list[Any]]]:
+        """Each column's values as ``frame[c].tolist()`` gives them, from Records without pandas when possible."""
+        typed = self.data.typed() if isinstance(self.data, Records) else None
+        if typed is not None:
+            return [(name, values) for name, _, values in typed]
+        frame = self.rows
+        return [(str(c), frame[c].tolist()) for c in frame.columns]
 
 
 def package_versions(names: Iterable[str] = _PROVENANCE_PACKAGES) -> dict[str, str]:
@@ -55,6 +208,10 @@ def package_versions(names: Iterable[str] = _PROVENANCE_PACKAGES) -> dict[str, s
 def file_fingerprint(path: Path, *, full_hash: bool = False) -> dict[str, Any]:
     """Size, mtime and a hash. By default the hash covers the first and last MiB, so provenance stays cheap
     on 100 GB files; ``full_hash`` reads everything."""
+    from .storage import is_remote, remote_fingerprint
+
+    if is_remote(path):  # a URL: sizes and the store's ETags, no object bytes (docs/scale-out.md)
+        return remote_fingerprint(path)
     p = Path(path)
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     h = hashlib.sha256()
@@ -103,18 +260,52 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is pd.NA or value is pd.NaT:
+    if type(value).__name__ in ("NAType", "NaTType"):  # pd.NA, pd.NaT (pandas is not imported for this)
         return None
     return value
+
+
+def _typed(result: Result) -> list[tuple[str, str, list[Any]]] | None:
+    return result.data.typed() if isinstance(result.data, Records) else None
 
 
 def to_json_obj(result: Result) -> dict[str, Any]:
     from .schema import describe
 
-    rows = [{k: _jsonable(v) for k, v in r.items()} for r in result.rows.to_dict(orient="records")]
+    typed = _typed(result)
+    if typed is None:
+        rows = [{k: _jsonable(v) for k, v in r.items()} for r in result.rows.to_dict(orient="records")]
+    else:  # the values ``to_dict(orient="records")`` gives, without building the frame
+        cols = [(name, [_jsonable(v) for v in values]) for name, _, values in typed]
+        rows = [{name: values[i] for name, values in cols} for i in range(len(result.data))]
     # ``columns``: name, type, unit and meaning of each column, from ilr_inspect/schema.py (docs/schema.md).
-    return {"schema": result.schema, "columns": describe(result.kind, [str(c) for c in result.rows.columns]),
+    return {"schema": result.schema, "columns": describe(result.kind, result.columns()),
             "meta": _jsonable(result.meta), "rows": rows}
+
+
+def _csv_cells(kind: str, values: list[Any]) -> list[Any]:
+    """Cells as ``DataFrame.to_csv`` writes them: numeric columns through NumPy's shortest repr (the same digits
+    as Python's ``repr``), missing values empty, other objects left to the csv module."""
+    if kind == "float":
+        return ["" if v != v else repr(v) for v in values]
+    if kind in ("int", "bool", "Int64"):
+        return ["" if v is None else str(v) for v in values]
+    return ["" if _is_null(v) else v for v in values]
+
+
+def to_csv_text(result: Result) -> str:
+    """CSV text, byte for byte what ``result.rows.to_csv(index=False)`` writes."""
+    typed = _typed(result)
+    if typed is None:
+        return str(result.rows.to_csv(index=False))
+    buf = io.StringIO()
+    if not typed:
+        return "\n"
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, quotechar='"', doublequote=True)
+    writer.writerow([name for name, _, _ in typed])
+    cols = [_csv_cells(kind, values) for _, kind, values in typed]
+    writer.writerows(zip(*cols, strict=True))
+    return buf.getvalue()
 
 
 def atomic_write(path: Path, writer: Callable[[IO[bytes]], object]) -> None:
@@ -159,10 +350,8 @@ def serialize(result: Result, fmt: OutputFormat) -> bytes:
     if fmt == "json":
         return (json.dumps(to_json_obj(result), indent=2, allow_nan=False) + "\n").encode()
     if fmt == "csv":
-        return result.rows.to_csv(index=False).encode()
+        return to_csv_text(result).encode()
     if fmt == "parquet":
-        import io
-
         buf = io.BytesIO()
         frame = result.rows.copy()
         # Parquet needs one type per column; object columns with mixed content become strings.

@@ -82,8 +82,9 @@ def _source_text(source: str | Path | bytes, max_bytes: int, path: Path | None, 
                              path=path)
         data = source
     else:
-        path = Path(source)
-        data = _read_limited(path, max_bytes, what)
+        local = source if _remote(source) else Path(source)  # a remote path keeps its URL (ilr_inspect.storage)
+        data = _read_limited(local, max_bytes, what)  # type: ignore[arg-type]
+        path = local  # type: ignore[assignment]
     return _text(data, path, what), path
 
 
@@ -197,8 +198,14 @@ def load_yaml(source: str | Path | bytes, *, max_bytes: int = MAX_YAML_BYTES, ma
         loader.dispose()
 
 
+def _remote(path: object) -> bool:
+    return type(path).__name__ == "RemotePath" and hasattr(path, "read_range")
+
+
 def regular_file(path: str | Path) -> bool:
     """True for a regular file (after following symlinks); False for FIFOs, devices, sockets, loops, missing."""
+    if _remote(path):  # an object in fsspec storage (ilr_inspect.storage): a file or nothing
+        return bool(path.is_file())  # type: ignore[union-attr]
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, RuntimeError, ValueError):
@@ -207,6 +214,8 @@ def regular_file(path: str | Path) -> bool:
 
 def special_file(path: str | Path) -> bool:
     """True when ``path`` exists but is neither a regular file nor a folder (FIFO, device, socket)."""
+    if _remote(path):
+        return False
     try:
         mode = os.stat(path).st_mode
     except (OSError, RuntimeError, ValueError):
@@ -225,7 +234,15 @@ def resolve(path: str | Path) -> Path:
 
 
 def ensure_inside(path: str | Path, root: str | Path, *, what: str = "file") -> Path:
-    """``path`` resolved after symlinks; InputError when it leaves ``root``'s folder tree (docs/security.md)."""
+    """``path`` resolved after symlinks; InputError when it leaves ``root``'s folder tree (docs/security.md).
+    A remote ``path`` (ilr_inspect.storage) must stay under the URL prefix ``root`` after ``..`` is normalized."""
+    if _remote(path) or _remote(root):
+        from .storage import inside
+
+        if not (_remote(path) and _remote(root) and inside(path, root)):  # type: ignore[arg-type]
+            raise InputError(f"{what} {str(path)!r} points outside the URL prefix {str(root)!r}",
+                             hint="only objects under the checkpoint's own prefix are read", path=root)
+        return path.resolve()  # type: ignore[union-attr,return-value]
     r = resolve(root)
     p = resolve(path)
     if p != r and r not in p.parents:

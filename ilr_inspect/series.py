@@ -4,7 +4,6 @@ hyperparameter timeline from optimizer state, logs, sidecar files and command-li
 from __future__ import annotations
 
 import glob
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from .errors import ArchitectureMismatchError, EmptySeriesError, IlrError, Input
 from .formats import REGISTRY, OpenOptions, detect, load_format
 from .layout import Alias, find_aliases, same_bytes
 from .safety import regular_file
+from .storage import identity, inside, is_remote, is_url, remote_glob, to_path, walk
 
 if TYPE_CHECKING:
     from .logs import LogData
@@ -112,8 +112,7 @@ def _nested(top: Path, max_depth: int = 4) -> list[Path]:
     Accelerate's ``checkpoints/checkpoint_0/``, Lightning's ``lightning_logs/version_0/checkpoints/*.ckpt``)."""
     found: list[Path] = []
     base = len(top.parts)
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
+    for here, dirnames, filenames in walk(top):  # a local folder, or a remote prefix (docs/scale-out.md)
         depth = len(here.parts) - base
         keep = []
         for d in sorted(dirnames, key=natural_key):
@@ -137,9 +136,10 @@ def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     out: list[Path] = []
     finals: list[Path] = []
     for raw in paths:
-        p = Path(raw)
+        p = to_path(raw)  # a URL (s3://, gs://, hf://...) becomes a remote path
         if not p.exists() and any(ch in str(raw) for ch in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(str(raw), recursive=True), key=natural_key)]
+            matches = sorted(remote_glob(p), key=lambda m: natural_key(str(m))) if is_remote(p) else [
+                Path(m) for m in sorted(glob.glob(str(raw), recursive=True), key=natural_key)]
             if not matches:
                 raise EmptySeriesError(f"the pattern {raw!r} matches nothing", hint="check the glob (quote it)")
             out.extend(m for m in matches if m.is_dir() or (m.is_file() and not is_companion(m.name)))
@@ -183,7 +183,7 @@ def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     seen: set[str] = set()
     unique = []
     for q in out:
-        r = os.path.normpath(os.path.abspath(q))
+        r = identity(q)
         if r not in seen:
             seen.add(r)
             unique.append(q)
@@ -349,7 +349,8 @@ def open_series(
         except re.error as exc:
             raise UsageError(f"--step-regex is not a valid regular expression: {exc}") from exc
     opts = options or OpenOptions()
-    arg = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    arg: list[str | Path] = ([cast(Path, paths)] if isinstance(paths, (str, Path)) or is_remote(paths)
+                             else list(paths))
     if not arg:
         raise EmptySeriesError("no paths given", hint="pass a checkpoint folder, a glob, or files")
     found, finals = _expand(arg)
@@ -386,7 +387,8 @@ def open_series(
         _add_final_save(series, folder, opts)
     _check_architecture(series, on_mismatch)
     if read_logs and series.root is not None:
-        series.logs = _load_logs(series.root, series.warnings)
+        given = [p for p in (to_path(a) for a in arg if is_url(a)) if is_remote(p)]
+        series.logs = _load_logs(series.root, series.warnings, given)
         if series.logs is not None and not series.logs.epoch_scalars.empty:
             _map_epoch_logs(series)
     note = missing_hparams_note(series)
@@ -398,14 +400,13 @@ def open_series(
 def missing_hparams_note(series: Series) -> str | None:
     """One line naming the parameters (and so the units holding them) left without an intrinsic LR, and the
     flags that supply what the files and logs lack; None when nothing is missing."""
-    import pandas as pd
 
     from .inventory import missing_note
 
     rows = [{"checkpoint": str(c.path), "parameter": n, "lr": h.lr, "weight_decay": h.weight_decay,
              "momentum": h.momentum, "optimizer": h.optimizer, "wd_mode": h.wd_mode}
             for c in series.checkpoints for n, h in series.hparams_for(c).items()]
-    return missing_note(pd.DataFrame(rows)) if rows else None
+    return missing_note(rows) if rows else None
 
 
 def _map_epoch_logs(series: Series) -> None:
@@ -541,12 +542,14 @@ def _check_architecture(series: Series, on_mismatch: str) -> None:
     series.checkpoints = kept
 
 
-def _load_logs(root: Path, warnings: list[str]) -> LogData | None:
+def _load_logs(root: Path, warnings: list[str], given: Sequence[Path] = ()) -> LogData | None:
     try:
         from . import logs
     except ImportError:  # the logs package is optional at import time during development
         return None
     try:
+        if is_remote(root):  # logs are small: copy the candidates under the URL prefix, then read them locally
+            root = _stage_logs(root, warnings, given)
         found = logs.discover(root)
         if not found:
             return None
@@ -556,6 +559,40 @@ def _load_logs(root: Path, warnings: list[str]) -> LogData | None:
         return None
     warnings.extend(data.warnings)
     return data
+
+
+_LOG_MAX_BYTES = 64 * 1024 * 1024  # a log or sidecar bigger than this is not copied from remote storage
+
+
+def _stage_logs(root: Path, warnings: list[str], given: Sequence[Path]) -> Path:
+    """Copy the log and sidecar files under a remote ``root``, and under its parent as the local search does when
+    that parent is still inside a URL prefix the user gave (never above it), into a private temporary folder with
+    the same layout; the local log readers then read that copy. Returns the copy of ``root``."""
+    from .logs import _LOG_CSV, _MAX_DEPTH, _SKIP_DIRS, sidecar
+    from .storage import stage_tree
+
+    def wanted(name: str) -> bool:
+        return (name == "trainer_state.json" or name.startswith("events.out.tfevents.") or name in _LOG_CSV
+                or name.endswith((".csv", ".log", ".jsonl", ".ndjson")) or name in sidecar.NAMES)
+
+    top = root.parent if any(inside(root.parent, g) for g in given) else root
+    picked: list[Path] = []
+    base = len(top.parts)
+    for here, dirnames, filenames in walk(top):
+        depth = len(here.parts) - base
+        dirnames[:] = [] if depth >= _MAX_DEPTH + (top != root) else [d for d in dirnames if d not in _SKIP_DIRS
+                                                      and not d.startswith(".")]
+        for f in filenames:
+            if wanted(f):
+                if (here / f).stat().st_size > _LOG_MAX_BYTES:
+                    warnings.append(f"{here / f}: larger than {_LOG_MAX_BYTES} bytes: not copied, not read")
+                else:
+                    picked.append(here / f)
+    local = stage_tree(picked, top)
+    if top != root:
+        local = local / str(root.relative_to(top))
+        local.mkdir(parents=True, exist_ok=True)
+    return local
 
 
 def with_overrides(
@@ -600,7 +637,7 @@ def borrow(
     if isinstance(source, Series) or hasattr(source, "checkpoints"):  # a Series, or an object shaped like one
         yield cast(Series, source)
         return
-    items: list[Any] = [source] if isinstance(source, (str, Path)) else list(source)
+    items: list[Any] = [source] if isinstance(source, (str, Path)) or is_remote(source) else list(source)
     if items and all(isinstance(c, Checkpoint) for c in items):
         yield Series(items, root=_common_root([c.path for c in items]), overrides=overrides)
         return

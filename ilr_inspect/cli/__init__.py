@@ -35,6 +35,9 @@ def main() -> None:
             code = 1
     if os.environ.get("ILR_INSPECT_SLOW_EXIT"):
         sys.exit(code)
+    storage = sys.modules.get("ilr_inspect.storage")
+    if storage is not None:  # os._exit skips atexit: delete staged copies of remote files, report I/O stats
+        storage.finish()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

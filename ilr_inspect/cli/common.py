@@ -19,6 +19,7 @@ from .app import app
 
 if TYPE_CHECKING:
     from ..checkpoint import HParams
+    from ..formats import OpenOptions
     from ..output import OutputFormat, Result
     from ..series import Series
 
@@ -27,7 +28,8 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 PathsArg = Annotated[
     list[str],
-    typer.Argument(help="Checkpoint folder, glob, or explicit files/folders (a series is ordered by training step)."),
+    typer.Argument(help="Checkpoint folder, glob, or explicit files/folders (a series is ordered by training step); "
+                   "also URLs: s3://, gs://, hf://, file:// (docs/scale-out.md)."),
 ]
 
 
@@ -49,6 +51,10 @@ OutOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the data to FILE (atomically) instead of stdout.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", envvar="ILR_INSPECT_RAY_ADDRESS", metavar="ADDRESS",
+    help="Measure as tasks on a Ray cluster: 'local' starts one on this machine, 'auto' joins `ray start --head` "
+         "here, HOST:PORT or ray://HOST:PORT joins that one (pip install 'ilr-inspect[ray]').")]
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,12 @@ class SeriesOptions:
     def settings(self) -> dict[str, Any]:
         return {"trust_pickle": self.trust_pickle, "key": self.key, "ema": self.ema, "step_regex": self.step_regex,
                 "on_mismatch": choice(self.on_mismatch)}
+
+    def open_options(self) -> OpenOptions:
+        """The reader options (also sent to Ray workers, which reopen the checkpoints)."""
+        from ..formats import OpenOptions
+
+        return OpenOptions(trust_pickle=self.trust_pickle, key=self.key, ema=self.ema)
 
     def open(self, paths: list[str] | list[Path], *, hp: HParamOptions | None = None,
              read_logs: bool = True) -> Series:
@@ -178,7 +190,7 @@ def check_format(fmt: str | Format) -> OutputFormat:
 
 
 def _cell(v: Any, column: str = "") -> str:
-    if v is None or v is getattr(__import__("pandas"), "NA", object()):
+    if v is None or type(v).__name__ == "NAType":  # pd.NA, recognised without importing pandas
         return ""
     if isinstance(v, float):
         if v != v:  # NaN
@@ -213,15 +225,16 @@ def _short_paths(values: list[Any]) -> list[Any]:
 
 
 def render_table(result: Result, columns: list[str] | None = None, title: str | None = None) -> Table:
-    frame = result.rows
-    cols = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    everything = dict(result.column_values())  # from the rows, without pandas where possible
+    cols = [c for c in (columns or list(everything)) if c in everything]
     table = Table(title=title, show_lines=False, header_style="bold")
-    data = {c: frame[c].tolist() for c in cols}
+    data = {c: everything[c] for c in cols}
+    n_rows = len(next(iter(everything.values()), []))
     for c in cols:
         if c in ("checkpoint", "checkpoint_a", "checkpoint_b"):
             data[c] = _short_paths(data[c])
         table.add_column(c, overflow="fold", no_wrap=c in ("step", "unit"))
-    for i in range(len(frame)):
+    for i in range(n_rows):
         table.add_row(*(_cell(data[c][i], c) for c in cols))
     return table
 

@@ -36,6 +36,10 @@ def equilibrium(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="CPU threads (default: 1 or torch's default, whichever runs a step faster here).")] = None,
     curves: Annotated[Path | None, typer.Option("--curves", help="Also write the curves table to FILE.")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", envvar="ILR_INSPECT_RAY_ADDRESS", show_envvar=True,
+        help="Run one Ray task per arm: local (a cluster in this process), auto (`ray start --head` here) or "
+             "HOST:PORT; --threads is then the CPUs per arm (default 1), and each arm gets a GPU on CUDA.")] = None,
     fmt: FormatOpt = Format.table,
     output: OutOpt = None,
     quiet: QuietOpt = False,
@@ -50,7 +54,7 @@ def equilibrium(
         run_dir, config=config, out=out, device=device, resume=resume, horizon=horizon, eval_every=eval_every,
         seeds=seeds, bootstrap=bootstrap, quick=quick, arms=arm or None, fuse=False if no_fuse else None,
         compile=compile, cuda_graph=cuda_graph, threads=threads, progress=not quiet,
-        log=None if quiet else lambda m: stderr.print(m, markup=False),
+        log=None if quiet else lambda m: stderr.print(m, markup=False), ray=ray.strip() or None if ray else None,
     )
     emit(result, fmt, output, table_columns=_COLUMNS, quiet=quiet)
     if curves is not None and result.curves is not None:

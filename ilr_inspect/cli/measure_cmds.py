@@ -13,6 +13,7 @@ from .common import (
     HParamOptions,
     OutputOptions,
     PathsArg,
+    RayOpt,
     SeriesOptions,
     choice,
     command,
@@ -71,13 +72,15 @@ class DetectOptions:
 
 
 def _run(kind: str, paths: list[str], per_tensor: bool, detect: DetectOptions, hp: HParamOptions,
-         so: SeriesOptions) -> Result:
+         so: SeriesOptions, ray: str | None = None) -> Result:
     from ..api import angles, norms, units
 
     gran = choice(detect.granularity)
     settings = {**detect.settings(), **so.settings(), **hp.settings()}
     with so.open(paths, hp=hp) as series:
         kw = detect.detect_kwargs(series, so.quiet)
+        if ray:  # workers reopen the checkpoints from their paths, with the same reader options
+            kw.update(ray=ray, options=so.open_options())
         if kind == "units":
             result = units(series, granularity=gran, quiet=so.quiet, settings=settings, **kw)
         else:
@@ -90,13 +93,13 @@ def _run(kind: str, paths: list[str], per_tensor: bool, detect: DetectOptions, h
 
 @command("units")
 def units_cmd(paths: PathsArg, out: OutputOptions, detect: DetectOptions, hp: HParamOptions,
-              so: SeriesOptions) -> None:
+              so: SeriesOptions, ray: RayOpt = None) -> None:
     """Scale-invariant units with the evidence for each decision (user file > functional > graph > name rules)
     and each unit's regime (approaching / equilibrium / periodic / no-weight-decay / undetermined).
 
     Example: ilr-inspect units ckpts/ --model model.py:build --probe probe.npz
     """
-    out.emit(_run("units", paths, False, detect, hp, so), _UNITS_TABLE, quiet=so.quiet)
+    out.emit(_run("units", paths, False, detect, hp, so, ray), _UNITS_TABLE, quiet=so.quiet)
 
 
 _DOCS = {
@@ -120,12 +123,13 @@ def _measure_command(kind: str) -> None:
 
     def run(paths: PathsArg, out: OutputOptions, detect: DetectOptions, hp: HParamOptions, so: SeriesOptions,
             per_tensor: Annotated[bool, typer.Option(
-                "--per-tensor", help="One row per parameter tensor instead of per unit.")] = False) -> None:
+                "--per-tensor", help="One row per parameter tensor instead of per unit.")] = False,
+            ray: RayOpt = None) -> None:
         if kind == "norms":
             cols = _NORMS_PT_TABLE if per_tensor else _NORMS_TABLE
         else:
             cols = ["parameter", *_ANGLES_TABLE] if per_tensor else _ANGLES_TABLE
-        out.emit(_run(kind, paths, per_tensor, detect, hp, so), cols, quiet=so.quiet)
+        out.emit(_run(kind, paths, per_tensor, detect, hp, so, ray), cols, quiet=so.quiet)
 
     run.__name__ = run.__qualname__ = f"{kind}_cmd"
     command(kind, doc=_DOCS[kind])(run)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ThresholdError, UsageError
-from .common import HParamOptions, PathsArg, SeriesOptions, command, print_warnings, stderr
+from .common import HParamOptions, PathsArg, RayOpt, SeriesOptions, command, print_warnings, stderr
 
 DEFAULT_OUT = Path("report.html")
 
@@ -47,6 +47,7 @@ def report_cmd(
     timestamp: Annotated[str | None, typer.Option(
         "--timestamp", help="Fixed creation time for reproducible output (also env ILR_INSPECT_TIMESTAMP).")] = None,
     title: Annotated[str | None, typer.Option("--title", help="Page title.")] = None,
+    ray: RayOpt = None,
 ) -> None:
     """All of the above in one self-contained HTML page that renders offline (no network requests).
 
@@ -85,7 +86,8 @@ def report_cmd(
         result = report(series, out=output or DEFAULT_OUT, out_is_default=output is None, png_dir=png, svg_dir=svg,
                         summary_md=summary_md, fail_if=fail_if or [], model=model, probe=probe,
                         equilibrium=equilibrium, units_file=units_file, max_units=max_units, max_points=max_points,
-                        timestamp=timestamp, title=title)
+                        timestamp=timestamp, title=title,
+                        ray=ray, options=so.open_options())
     print_warnings(series, quiet)
     if not quiet:
         stderr.print(f"wrote {result.html} ({result.html_bytes - result.bundle_bytes} bytes + "

@@ -1,26 +1,28 @@
 """Shared helpers for the PyTorch-family readers: safe loading, tensor → NumPy, state-dict selection.
 
-Imported only from inside ``open`` functions (it imports torch at module level).
+Imports torch only where a function needs it: the helpers accept both ``torch.Tensor`` and the torch-free
+``_torchzip.LazyTensor``, so a torch zip series read by :func:`load_lazy` never imports torch.
 """
 
 from __future__ import annotations
 
 import codecs
+import os
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import torch
 
 from ..checkpoint import HParams, TensorInfo, TensorKind, guess_kind
 from ..errors import CorruptCheckpointError, HParamsError, InputError, UnsafePickleError
 from . import ZIP_MAGIC  # one definition for every zip-based reader
+from ._torchzip import LazyTensor
 
-_WIDEN = {torch.bfloat16, torch.float16}  # float16 stays: NumPy has it
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CORRUPT_HINT = "the file may be truncated or not written by torch.save; re-save or remove it"
 
@@ -88,6 +90,8 @@ def allowed_globals() -> list[Any]:
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    import torch
+
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # legacy (non-zip) files: the pickle stream's own GLOBAL opcodes, else torch's message
@@ -133,6 +137,8 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
             hint="this is a Git LFS pointer: fetch the real file with `git lfs pull`" if lfs
             else "check that this is the file torch.save wrote", path=path)
     mmap = kind == "zip"  # mmap needs the zip layout; legacy pickles are read into memory
+    import torch
+
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -153,6 +159,8 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
 
 
 def _load_trusted(path: Path, mmap: bool, needed: list[str], what: str) -> Any:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (ModuleNotFoundError, ImportError, AttributeError) as exc:
@@ -175,17 +183,82 @@ def _short(exc: BaseException) -> str:
     return msg.split(". ")[0][:200]  # torch appends long advice after the first sentence
 
 
+def lazy_enabled() -> bool:
+    """The torch-free reader is the default for torch zip files; ILR_INSPECT_TORCHZIP=0 restores torch.load."""
+    return os.environ.get("ILR_INSPECT_TORCHZIP", "1") != "0"
+
+
+def load_lazy(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
+    """Like :func:`load`, with :class:`LazyTensor` leaves for a torch zip archive (no torch import); legacy pickles
+    and whatever the lazy reader cannot represent go through :func:`load` unchanged."""
+    from . import _torchzip
+
+    if lazy_enabled() and classify(read_head(path)) == "zip":
+        try:
+            return _torchzip.load_path(path, trust=trust, what=what)
+        except _torchzip.NotLazy:
+            pass
+        except OSError as exc:
+            raise InputError(f"cannot read the file ({exc.strerror or exc})", hint="check its permissions",
+                             path=path) from exc
+    return load(path, trust=trust, what=what)
+
+
+def load_fileobj(fh: IO[bytes], path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
+    """A torch.save zip archive from a seekable file object (a remote file): directory and data.pkl read up
+    front, each tensor with one ranged read when asked for. Falls back to torch.load of the stream (reading the
+    whole file) for what the lazy reader cannot represent."""
+    from . import _torchzip
+
+    head = fh.read(len(ZIP_MAGIC))
+    fh.seek(0)
+    if head == ZIP_MAGIC:
+        try:
+            return _torchzip.load(fh, path=path, local=False, trust=trust, what=what)
+        except _torchzip.NotLazy:
+            fh.seek(0)
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CorruptCheckpointError(f"cannot unpickle the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
+                                         path=path) from exc
+        if not trust:
+            found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+            raise UnsafePickleError(path, found or ["(an unlisted global)"]) from exc
+    except Exception as exc:  # damaged streams reach torch internals (RuntimeError, EOFError, …)
+        raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
+                                     hint=_CORRUPT_HINT, path=path) from exc
+    fh.seek(0)
+    try:
+        return torch.load(fh, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
+                                     hint=_CORRUPT_HINT, path=path) from exc
+
+
+def is_tensor(v: Any) -> bool:
+    """A ``torch.Tensor`` or a :class:`LazyTensor` (no torch import: without torch loaded there are none)."""
+    if isinstance(v, LazyTensor):
+        return True
+    torch_mod = sys.modules.get("torch")
+    return torch_mod is not None and isinstance(v, torch_mod.Tensor)
+
+
 def is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and any(isinstance(v, torch.Tensor) for v in obj.values()) and all(
+    return isinstance(obj, Mapping) and bool(obj) and any(is_tensor(v) for v in obj.values()) and all(
         isinstance(k, str) for k in obj)
 
 
-def tensors_only(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def tensors_only(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Drop non-tensor entries (``_extra_state``, None placeholders) of a state dict."""
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if is_tensor(v)}
 
 
-def strip_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+def strip_wrappers(sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Remove DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes shared by every key."""
     stripped = ""
     changed = True
@@ -203,12 +276,16 @@ def strip_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return sd, stripped
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: Any) -> np.ndarray:
     """A CPU NumPy view (mmap-backed where possible); dtypes NumPy lacks are widened to float32."""
+    if isinstance(t, LazyTensor):
+        return t.numpy()
+    import torch
+
     t = t.detach()
     if t.is_quantized:
         t = t.dequantize()
@@ -220,10 +297,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
         t = t.float()
     elif t.dtype == torch.complex32:
         t = t.to(torch.complex64)
-    return t.numpy()
+    arr: np.ndarray = t.numpy()
+    return arr
 
 
-def kind_of(name: str, t: torch.Tensor) -> TensorKind:
+def kind_of(name: str, t: Any) -> TensorKind:
     if guess_kind(name) == "buffer" or not (t.is_floating_point() or t.is_complex()):
         return "buffer"
     return "parameter"
@@ -232,8 +310,8 @@ def kind_of(name: str, t: torch.Tensor) -> TensorKind:
 class TorchDictSource:
     """TensorSource over a loaded (memory-mapped) torch state dict; tied aliases are listed once."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, TensorKind] | None = None) -> None:
-        self._t: dict[str, torch.Tensor] = {}
+    def __init__(self, tensors: Mapping[str, Any], kinds: Mapping[str, TensorKind] | None = None) -> None:
+        self._t: dict[str, Any] = {}
         self.tied: dict[str, str] = {}
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], str], str] = {}
         for name, t in tensors.items():
@@ -261,7 +339,9 @@ class TorchDictSource:
         self._t.clear()
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def _storage_ptr(t: Any) -> int:
+    if isinstance(t, LazyTensor):
+        return id(t.storage)
     try:
         return int(t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):
@@ -273,8 +353,8 @@ STEP_KEYS = ("step", "global_step", "iteration", "iter")
 
 def find_step(obj: Mapping[str, Any], keys: tuple[str, ...] = STEP_KEYS) -> int | None:
     for k in keys:
-        v = obj.get(k)
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v: Any = obj.get(k)
+        if is_tensor(v) and v.numel() == 1:
             v = v.item()
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             return int(v)
@@ -284,7 +364,7 @@ def find_step(obj: Mapping[str, Any], keys: tuple[str, ...] = STEP_KEYS) -> int 
 def scalar_meta(obj: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """Top-level plain values worth carrying into metadata (epoch, loss, versions, …)."""
     for k, v in obj.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
+        if is_tensor(v) and v.numel() == 1:
             yield str(k), v.item()
         elif isinstance(v, (int, float, str, bool)) or v is None:
             yield str(k), v

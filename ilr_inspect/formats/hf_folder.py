@@ -18,6 +18,7 @@ from . import OpenOptions
 
 NAME = "hf"
 EXTRA = None
+REMOTE = True  # safetensors weights of a URL are read with ranged requests; pickled companions are staged
 
 SAFE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -60,7 +61,7 @@ def _weight_map(index: Path) -> dict[str, Path]:
 
 def _open_weights(path: Path, options: OpenOptions) -> tuple[TensorSource, bool, dict[str, Any]]:
     """The weights source, whether its names are in named_parameters order, and metadata."""
-    from .safetensors_file import SafetensorsSource
+    from .safetensors_file import make_source as SafetensorsSource  # local mmap, or ranged reads for a URL
 
     meta: dict[str, Any] = {}
     if (path / SAFE_INDEX).is_file():
@@ -191,10 +192,34 @@ def _training_args(path: Path, options: OpenOptions, meta: dict[str, Any]) -> No
             meta["training_args"][k] = str(getattr(meta["training_args"][k], "value", meta["training_args"][k]))
 
 
+def _safetensors_weights(path: Path) -> bool:
+    return any((path / n).is_file() for n in (SAFE_INDEX, SAFE, ADAPTER[0])) or bool(_shards(path, "model",
+                                                                                               "safetensors"))
+
+
 def open(path: Path, options: OpenOptions) -> Checkpoint:
     if not path.is_dir():
         raise InputError("is not a folder", hint="pass a Hugging Face model folder or checkpoint-N folder", path=path)
+    from ..storage import is_remote, stage, stage_files
+
+    if is_remote(path) and not _safetensors_weights(path):  # pickled weights: read from a temporary copy
+        note: list[str] = []
+        ckpt = open(stage(path, note), options)
+        ckpt.metadata.setdefault("warnings", []).extend(note)
+        ckpt.path = path
+        return ckpt
     src, ordered, meta = _open_weights(path, options)
+    # Remote: the pickled companions (optimizer/scheduler state, training_args.bin) are staged into a temporary
+    # folder and read there; the weights themselves stay remote.
+    companions = path
+    if is_remote(path):
+        names = ["optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin"]
+        names += ["training_args.bin"] if options.trust_pickle else []
+        found = [path / n for n in names if (path / n).is_file()]
+        if found:
+            note = []
+            companions = stage_files(found, note)
+            meta.setdefault("warnings", []).extend(note)
     if (path / "config.json").is_file():
         cfg = _read_json(path / "config.json")
         if isinstance(cfg, Mapping):
@@ -209,26 +234,26 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         step = step_from_metadata(st_meta)
     if "epoch" not in meta and epoch_from_metadata(st_meta) is not None:
         meta["epoch"] = epoch_from_metadata(st_meta)
-    hparams = _hparams(path, options, src, ordered, meta)
+    hparams = _hparams(companions, options, src, ordered, meta)
     if step is None and meta.get("optimizer_updates") is not None:
         # Accelerate save_state keeps no step: Adam-family optimizers count their updates.
         step = int(meta["optimizer_updates"])
-        meta["step_from"] = f"{optimizer_file(path).name} (number of optimizer updates)"
+        meta["step_from"] = f"{optimizer_file(companions).name} (number of optimizer updates)"
     elif step is None and meta.get("scheduler_last_epoch") is not None and meta["scheduler_last_epoch"] > 0:
         step = int(meta["scheduler_last_epoch"])
-        meta["step_from"] = f"{scheduler_file(path).name} last_epoch (scheduler steps)"
+        meta["step_from"] = f"{scheduler_file(companions).name} last_epoch (scheduler steps)"
         meta.setdefault("warnings", []).append(
-            f"step {step} read from {scheduler_file(path).name} (the number of scheduler.step() calls): right when "
-            "the scheduler steps once per optimizer update, as Accelerate's prepared schedulers do")
+            f"step {step} read from {scheduler_file(companions).name} (the number of scheduler.step() calls): "
+            "right when the scheduler steps once per optimizer update, as Accelerate's prepared schedulers do")
     from_meta = metadata_hparams(st_meta, src.infos())
     if from_meta:  # the optimizer state wins field by field; the metadata fills what it lacks
         hparams = {n: hparams[n].merged(hp) if n in hparams else hp for n, hp in from_meta.items()}
-    _training_args(path, options, meta)
+    _training_args(companions, options, meta)
     return Checkpoint(path=path, format=NAME, source=src, step=step,
                       step_source="contents" if step is not None else "order",
                       hparams=hparams, hparams_source=next(iter(hparams.values())).source if hparams else None,
                       metadata=meta,
-                      optimizer_state=_optimizer_loader(path, options, src, ordered))
+                      optimizer_state=_optimizer_loader(companions, options, src, ordered))
 
 
 def _optimizer_loader(path: Path, options: OpenOptions, src: TensorSource, ordered: bool) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..checkpoint import Checkpoint, HParams
 from ..errors import InputError
@@ -16,6 +16,7 @@ from . import OpenOptions
 
 NAME = "lightning"
 EXTRA = None
+REMOTE = True  # URLs: zip directory + data.pkl by ranged reads, each tensor one ranged read (_torchzip)
 
 
 def sniff(path: Path) -> bool:
@@ -23,10 +24,27 @@ def sniff(path: Path) -> bool:
 
 
 def open(path: Path, options: OpenOptions) -> Checkpoint:
+    from ..storage import is_remote, open_binary
+    from . import _torchutil as tu
+
+    if is_remote(path):
+        return open_fileobj(open_binary(path), path, options)
+    obj = tu.load_lazy(path, trust=options.trust_pickle, what="Lightning checkpoint")  # torch-free for zips
+    return checkpoint_from_object(obj, path, options)
+
+
+def open_fileobj(fh: IO[bytes], path: Path, options: OpenOptions) -> Checkpoint:
+    """``open`` over a seekable file object (a remote file): ranged reads, no download of the weights."""
+    from . import _torchutil as tu
+
+    obj = tu.load_fileobj(fh, path, trust=options.trust_pickle, what="Lightning checkpoint")
+    return checkpoint_from_object(obj, path, options)
+
+
+def checkpoint_from_object(obj: Any, path: Path, options: OpenOptions) -> Checkpoint:
     from . import _torchutil as tu
     from . import torch_pickle
 
-    obj = tu.load(path, trust=options.trust_pickle, what="Lightning checkpoint")
     if not isinstance(obj, Mapping) or "state_dict" not in obj:
         if isinstance(obj, Mapping) and options.key is None:
             # A .ckpt that is a plain torch training checkpoint: read it the generic way.

@@ -28,6 +28,7 @@ from . import OpenOptions
 
 NAME = "safetensors"
 EXTRA = None
+REMOTE = True  # URLs are read with ranged requests (RemoteSafetensorsSource), never downloaded whole
 
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -73,6 +74,25 @@ def sniff(path: Path) -> bool:
     return path.suffix.lower() == ".safetensors" and path.is_file()
 
 
+def _info(name: str, st_dtype: str, shape: Any) -> TensorInfo:
+    """A header entry as a TensorInfo: integer and bool tensors are buffers whatever their name."""
+    dtype = _DTYPES.get(st_dtype, st_dtype.lower())
+    kind: TensorKind = guess_kind(name)
+    if not dtype.startswith(("float", "bfloat", "complex")):
+        kind = "buffer"
+    return TensorInfo(name, tuple(int(d) for d in shape), dtype, kind)
+
+
+def _check_index(weight_map: Mapping[str, Any] | None, where: Mapping[str, Any], files: Sequence[Any]) -> None:
+    if weight_map is None:
+        return
+    missing = sorted(set(weight_map) - set(where))
+    if missing:
+        raise CorruptCheckpointError(
+            f"the index names {len(missing)} tensors no shard holds (e.g. {missing[0]})",
+            hint="a shard is missing or was overwritten; re-save the model", path=files[0].parent)
+
+
 class SafetensorsSource:
     """TensorSource over one or more safetensors files (shards), header-only until a tensor is read."""
 
@@ -103,21 +123,12 @@ class SafetensorsSource:
                 st_dtype = sl.get_dtype()
                 if st_dtype not in _NUMPY_OK:
                     framework = "pt"
-                dtype = _DTYPES.get(st_dtype, st_dtype.lower())
-                kind: TensorKind = guess_kind(name)
-                if not dtype.startswith(("float", "bfloat", "complex")):
-                    kind = "buffer"
-                self._infos.append(TensorInfo(name, tuple(int(d) for d in sl.get_shape()), dtype, kind))
+                self._infos.append(_info(name, st_dtype, sl.get_shape()))
                 self._where[name] = f
             if framework == "pt":  # NumPy lacks bfloat16/float8: read through torch and widen
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
             self._framework[f] = framework
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self._where))
-            if missing:
-                raise CorruptCheckpointError(
-                    f"the index names {len(missing)} tensors no shard holds (e.g. {missing[0]})",
-                    hint="a shard is missing or was overwritten; re-save the model", path=files[0].parent)
+        _check_index(weight_map, self._where, files)
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
@@ -162,6 +173,111 @@ class SafetensorsSource:
         with _MAPS_LOCK:
             for key in [k for k in _MAPS if k[0] == self._token]:
                 del _MAPS[key]
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "C64": 8}
+
+
+def remote_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Where the data starts and the validated header of a remote safetensors object, from ranged reads: the first
+    64 KiB (8-byte length + most headers), then the rest of a longer header. No tensor data is fetched."""
+    from ..safety import load_json
+    from ..storage import HEAD_BYTES, read_range
+
+    size = path.stat().st_size
+    if size < 8:
+        raise CorruptCheckpointError(f"the file is too short to be safetensors ({size} bytes)",
+                                     hint="the save was probably interrupted; remove or re-save it", path=path)
+    head = read_range(path, 0, min(size, HEAD_BYTES))
+    (n,) = struct.unpack("<Q", head[:8])
+    bad = "the file is truncated or not a safetensors file; re-save it"
+    if n > _HEADER_MAX or 8 + n > size:
+        raise CorruptCheckpointError(f"cannot read the safetensors header (length {n} in a {size}-byte file)",
+                                     hint=bad, path=path)
+    raw = head[8:8 + n] if 8 + n <= len(head) else head[8:] + read_range(path, len(head), 8 + n)
+    header = load_json(raw, max_bytes=_HEADER_MAX, path=path, what="safetensors header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("the safetensors header is not a JSON object", hint=bad, path=path)
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CorruptCheckpointError("__metadata__ must map strings to strings", hint=bad, path=path)
+            continue
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+            ok = dtype in _ITEMSIZE and all(d >= 0 for d in shape) and 0 <= int(lo) <= int(hi)
+            ok = ok and int(hi) - int(lo) == math.prod(shape) * _ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CorruptCheckpointError(f"bad header entry for tensor {name!r}", hint=bad, path=path)
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise CorruptCheckpointError(f"the header needs {8 + n + end} bytes, the file has {size}", hint=bad,
+                                     path=path)
+    return 8 + n, header
+
+
+class RemoteSafetensorsSource:
+    """TensorSource over safetensors objects in remote storage: headers from ranged reads; ``read(name)`` is one
+    ranged read of that tensor's bytes (docs/scale-out.md)."""
+
+    def __init__(self, files: Sequence[Path], weight_map: Mapping[str, Path] | None = None) -> None:
+        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        self._infos: list[TensorInfo] = []
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            start, header = remote_header(f)
+            self.metadata.update(header.get("__metadata__") or {})
+            for name in sorted(k for k in header if k != "__metadata__"):  # safe_open's order (sorted)
+                if weight_map is not None and weight_map.get(name, f) != f:
+                    continue
+                entry = header[name]
+                self._infos.append(_info(name, entry["dtype"], entry["shape"]))
+                self._where[name] = (f, start, entry)
+        _check_index(weight_map, self._where, files)
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def read(self, name: str) -> np.ndarray:
+        from ..storage import read_range
+
+        f, start, entry = self._where[name]
+        lo, hi = (int(x) for x in entry["data_offsets"])
+        shape = tuple(int(d) for d in entry["shape"])
+        # A writable buffer, as the local (copy-on-write mmap) reader gives: callers may scale arrays in place.
+        data = bytearray(read_range(f, start + lo, start + hi)) if hi > lo else bytearray()
+        if len(data) != hi - lo:
+            raise CorruptCheckpointError(f"cannot read tensor {name!r} (got {len(data)} of {hi - lo} bytes)",
+                                         hint="the object changed or is truncated; re-save it", path=f)
+        st = entry["dtype"]
+        if st in _LE:
+            return np.frombuffer(data, dtype=_LE[st]).reshape(shape)
+        if st == "BF16":  # the upper half of a float32: widen exactly, as the local reader does through torch
+            bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(shape)
+        try:
+            import ml_dtypes  # float8 types (installed with JAX)
+        except ImportError as exc:
+            raise InputError(f"tensor {name!r} is {st}, which needs ml_dtypes to read remotely",
+                             hint="pip install ml_dtypes, or copy the file locally", path=f) from exc
+        kind = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[st]
+        return np.frombuffer(data, dtype=kind).astype(np.float32).reshape(shape)
+
+    def close(self) -> None:
+        return None
+
+
+def make_source(files: Sequence[Path], weight_map: Mapping[str, Path] | None = None) -> Any:
+    """The safetensors TensorSource for local files (memory-mapped) or remote objects (ranged reads)."""
+    from ..storage import is_remote
+
+    if files and is_remote(files[0]):
+        return RemoteSafetensorsSource(files, weight_map)
+    return SafetensorsSource(files, weight_map)
 
 
 def step_from_metadata(meta: Mapping[str, str]) -> int | None:
@@ -272,7 +388,7 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
     if size < 8:
         raise CorruptCheckpointError(f"the file is too short to be safetensors ({size} bytes)",
                                      hint="the save was probably interrupted; remove or re-save it", path=path)
-    source = SafetensorsSource([path])
+    source = make_source([path])
     meta: dict[str, Any] = {"safetensors_metadata": dict(source.metadata)}
     step = step_from_metadata(source.metadata)
     epoch = epoch_from_metadata(source.metadata)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
@@ -12,6 +13,7 @@ from . import OpenOptions
 
 NAME = "torch"
 EXTRA = None
+REMOTE = True  # URLs: zip directory + data.pkl by ranged reads, each tensor one ranged read (_torchzip)
 SUFFIXES = (".pt", ".pth", ".bin", ".tar")
 
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network")
@@ -26,17 +28,27 @@ def sniff(path: Path) -> bool:
 
 
 def open(path: Path, options: OpenOptions) -> Checkpoint:
+    from ..storage import is_remote, open_binary
     from . import _torchutil as tu
 
-    obj = tu.load(path, trust=options.trust_pickle)
+    if is_remote(path):
+        return open_fileobj(open_binary(path), path, options)
+    obj = tu.load_lazy(path, trust=options.trust_pickle)  # torch-free for zip archives (see _torchzip)
+    return checkpoint_from_object(obj, path, options, format_name=NAME)
+
+
+def open_fileobj(fh: IO[bytes], path: Path, options: OpenOptions) -> Checkpoint:
+    """``open`` over a seekable file object (a remote file): ranged reads, no download of the weights."""
+    from . import _torchutil as tu
+
+    obj = tu.load_fileobj(fh, path, trust=options.trust_pickle)
     return checkpoint_from_object(obj, path, options, format_name=NAME)
 
 
 def _module_state(obj: Any) -> Any:
     """A whole pickled nn.Module (torch.save(model), only loadable with trust) → its state dict."""
-    import torch
-
-    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    torch = sys.modules.get("torch")  # no module can have been unpickled without torch loaded
+    return obj.state_dict() if torch is not None and isinstance(obj, torch.nn.Module) else obj
 
 
 def select_weights(obj: Any, path: Path, options: OpenOptions) -> tuple[Mapping[str, Any], str | None]:

@@ -692,7 +692,9 @@ def _onnx_beside(folder: Path, ckpt: Path) -> Path | None:
 
 def config_evidence(checkpoint: Any, params: Sequence[str], *, functional: bool = True) -> ConfigEvidence:
     """The best description the framework wrote beside ``checkpoint`` (nothing outside its folder is read)."""
-    path = Path(checkpoint.path)
+    from ..storage import local_view
+
+    path = local_view(checkpoint)  # a URL: the description files beside it, copied (ilr_inspect.storage)
     folder = _folder(path)
     notes: list[str] = []
     finders: list[Callable[[], ConfigEvidence | None]] = [

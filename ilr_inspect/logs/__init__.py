@@ -12,16 +12,16 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from .. import safety
 from ..errors import MissingExtraError
 from . import csvlog, hf_state, sidecar, tensorboard
 from .data import SCALAR_COLUMNS, LogData, LogFormatError
 from .tags import ColumnMap, classify, timing_of
+
+if TYPE_CHECKING:  # pandas (and yaml) load inside the readers: a series without logs never imports them
+    import pandas as pd
 
 __all__ = ["ColumnMap", "LogData", "discover", "map_epochs", "read_logs", "steps_per_epoch"]
 
@@ -150,6 +150,8 @@ def read_logs(
     ``columns`` names the step/lr/wd/momentum columns of generic CSV/JSONL logs; ``root`` makes ``source``
     paths relative (default: the common folder of the inputs).
     """
+    import pandas as pd
+
     files = _expand(Path(p) for p in paths)
     base = Path(root) if root is not None else (Path(os.path.commonpath([p.parent for p in files])) if files else None)
     data = LogData(columns=columns)
@@ -236,6 +238,8 @@ def map_epochs(data: LogData, per_epoch: int) -> int:
     A value logged at an epoch's end (Keras CSVLogger) describes that epoch, so its lr was *used* by the steps up
     to that step. Returns how many rows were mapped.
     """
+    import pandas as pd
+
     rows = data.epoch_scalars
     if rows.empty or per_epoch <= 0:
         return 0
@@ -251,6 +255,8 @@ def map_epochs(data: LogData, per_epoch: int) -> int:
 
 
 def _assemble(data: LogData, frames: list[pd.DataFrame], hf_next: bool) -> None:
+    import pandas as pd
+
     frames = [f for f in frames if not f.empty]
     if not frames:
         return
@@ -268,6 +274,8 @@ def _assemble(data: LogData, frames: list[pd.DataFrame], hf_next: bool) -> None:
 
 
 def _read_sidecars(data: LogData, paths: list[Path], base: Path | None) -> None:
+    import yaml
+
     def order(p: Path) -> tuple[int, int]:
         stem = p.name.split(".")[0]
         return (_SIDECAR_ORDER.index(stem) if stem in _SIDECAR_ORDER else 99, len(p.parts))

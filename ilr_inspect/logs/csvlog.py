@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from .data import LogFormatError
 from .tags import ColumnMap
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STEP_NAMES = ("step", "global_step", "_step", "iteration", "iter", "trainer/global_step", "train/global_step")
 _TIME_NAMES = ("wall_time", "_timestamp", "timestamp", "time")
@@ -36,6 +38,8 @@ def _step_column(columns: list[str], mapping: ColumnMap | None) -> str:
 
 def tidy(table: pd.DataFrame, mapping: ColumnMap | None) -> pd.DataFrame:
     """Wide table (one row per logging call) → long rows (step, tag, value, wall_time), empty cells dropped."""
+    import pandas as pd
+
     cols = [str(c) for c in table.columns]
     table.columns = pd.Index(cols)
     step_col = _step_column(cols, mapping)
@@ -69,6 +73,8 @@ def tidy(table: pd.DataFrame, mapping: ColumnMap | None) -> pd.DataFrame:
 
 
 def read_csv(path: Path, mapping: ColumnMap | None = None) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, low_memory=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -78,6 +84,8 @@ def read_csv(path: Path, mapping: ColumnMap | None = None) -> pd.DataFrame:
 
 def read_jsonl(path: Path, mapping: ColumnMap | None = None) -> pd.DataFrame:
     """One JSON object per line; unparsable lines are skipped (a crashed run leaves a torn last line)."""
+    import pandas as pd
+
     records: list[dict[str, Any]] = []
     bad = 0
     with path.open("rb") as fh:
@@ -119,6 +127,8 @@ def is_keras_csvlogger(path: Path) -> bool:
 
 def read_keras_csvlogger(path: Path) -> pd.DataFrame:
     """Long rows whose ``step`` is the number of epochs completed (row ``epoch`` e is written after epoch e+1)."""
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, low_memory=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ..checkpoint import HParams
 from .tags import READER_PRIORITY, ColumnMap, HpTag, Timing, classify, group_key, metric_kind, optimizer_family
 from .tags import wd_mode_of as _wd_mode_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCALAR_COLUMNS = ("step", "tag", "value", "wall_time", "source", "reader", "timing")
 
@@ -21,6 +23,8 @@ class LogFormatError(ValueError):
 
 
 def empty_scalars() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(
         {
             "step": pd.Series([], dtype="int64"),
@@ -93,6 +97,8 @@ class LogData:
         return self._memo[key]
 
     def _build_frame(self, fld: str, group: int | str | None, timing: Timing) -> tuple[pd.DataFrame, HpTag | None]:
+        import pandas as pd
+
         tags = self._best_tags(fld, group)
         if not tags:
             return pd.DataFrame(columns=["step", "value", "source", "tag"]), None
@@ -111,6 +117,8 @@ class LogData:
         ``timing="next"``: lr the update after step N will use (what a saved torch optimizer holds).
         ``group`` is a 0-based param-group index (Lightning ``lr-SGD/pg{group+1}``) or a param-group name.
         """
+        import pandas as pd
+
         frame, hp = self._frame("lr", group, timing)
         if hp is None or frame.empty:
             return None
@@ -175,6 +183,8 @@ class LogData:
         produced (``logged_step`` keeps the step as logged); other rows keep the logged step. When several files
         log the same tag, JSON/CSV beat TensorBoard (which stores float32).
         """
+        import pandas as pd
+
         frame = self.scalars.copy()
         if frame.empty:
             return frame.assign(metric=pd.Series([], dtype=str), logged_step=pd.Series([], dtype="int64"))

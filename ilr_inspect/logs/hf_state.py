@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .. import safety
 from ..errors import IlrError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 READER = "hf-trainer-state"
 FILENAME = "trainer_state.json"
@@ -27,6 +28,8 @@ FIXED_IN = (4, 51)
 def load(path: Path) -> tuple[int, pd.DataFrame]:
     """(global_step, rows) of one file; raises ValueError when it is not a trainer state (or breaks a parsing
     limit of :mod:`ilr_inspect.safety`); entries of unexpected types are skipped."""
+    import pandas as pd
+
     try:
         state = safety.load_json(path, what="trainer_state.json")
     except IlrError as exc:
@@ -78,6 +81,7 @@ def logs_next_lr(version: tuple[int, int] | None) -> bool | None:
 
 def merge(loaded: list[tuple[Path, int, pd.DataFrame]]) -> list[tuple[Path, pd.DataFrame]]:
     """Drop (step, tag) rows that a newer copy of the history also has; returns what each file contributes."""
+
     seen: set[tuple[int, str]] = set()
     out: list[tuple[Path, pd.DataFrame]] = []
     for path, _, frame in sorted(loaded, key=lambda t: t[1], reverse=True):

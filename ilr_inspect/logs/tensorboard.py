@@ -13,12 +13,13 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..errors import require
 from .data import LogFormatError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 READER = "tensorboard"
 WARNINGS_ATTR = "ilr_warnings"
@@ -54,6 +55,7 @@ def scan_records(path: Path) -> tuple[int, int, str | None]:
 
 
 def _parse(path: Path) -> pd.DataFrame:
+
     tbparse: Any = require("tbparse", "tensorboard", "reading TensorBoard event files")
     with warnings.catch_warnings():
         # tbparse 0.0.9 uses pandas APIs deprecated in pandas 3; that noise is not the user's concern.
@@ -70,6 +72,8 @@ def read(path: Path) -> pd.DataFrame:
     A damaged file yields the rows of its intact leading records and ``frame.attrs[WARNINGS_ATTR]`` says where
     it was cut.
     """
+    import pandas as pd
+
     require("tbparse", "tensorboard", "reading TensorBoard event files")
     records, good, problem = scan_records(path)
     notes: list[str] = []

@@ -10,16 +10,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 
 from ..checkpoint import Checkpoint, HParams
 from ..invariance.unit import Unit
+from ..output import Records
 from . import step_angle, theory
 from .regime import Regime, classify
 from .stream import TensorStats, stream_stats
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..formats import OpenOptions
 
 CHANGE_TOL = 0.05  # a relative jump of λ_e larger than this between checkpoints is a schedule change
 
@@ -32,15 +37,32 @@ class SeriesLike(Protocol):
 
 @dataclass
 class Measurement:
-    """Everything one pass produces."""
+    """Everything one pass produces. The four tables are kept as rows (:class:`~ilr_inspect.output.Records`);
+    their DataFrames are built on first access, so the CLI renders them without importing pandas."""
 
-    norms: pd.DataFrame
-    angles: pd.DataFrame
-    per_tensor: pd.DataFrame
-    per_tensor_angles: pd.DataFrame
+    norm_rows: Records
+    angle_rows: Records
+    tensor_rows: Records
+    tensor_angle_rows: Records
     units: list[Unit]
     regimes: dict[str, Regime]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def norms(self) -> pd.DataFrame:
+        return self.norm_rows.frame()
+
+    @property
+    def angles(self) -> pd.DataFrame:
+        return self.angle_rows.frame()
+
+    @property
+    def per_tensor(self) -> pd.DataFrame:
+        return self.tensor_rows.frame()
+
+    @property
+    def per_tensor_angles(self) -> pd.DataFrame:
+        return self.tensor_angle_rows.frame()
 
 
 @dataclass
@@ -232,8 +254,12 @@ def _tensor_units(units: Sequence[Unit]) -> list[tuple[str, Unit]]:
 
 
 def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = False,
-            granularity: str = "tensor", quiet: bool = True) -> Measurement:
+            granularity: str = "tensor", quiet: bool = True, ray: str | None = None,
+            options: OpenOptions | None = None) -> Measurement:
     """One streamed pass: norms, angles and regimes for every unit (and optionally every member tensor).
+
+    ``ray``: run the pass as tasks on that Ray cluster (``local``, ``auto``, ``host:port``), reopening the
+    checkpoints there with ``options`` (the ones the series was opened with); the tables are the same.
 
     ``units`` come from the caller (:func:`ilr_inspect.invariance.detect_units` or a user file): measuring never
     detects, so this module does not depend on the detectors. ``granularity`` is recorded, not acted on.
@@ -254,7 +280,7 @@ def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = Fal
     prev_hps: dict[str, HParams] = {}
     row_names = {m for u in units if u.kind in ("channel", "group") for m in u.members}
     recon = step_angle.Reconstructor(getattr(series, "logs", None))
-    for cs in stream_stats(cks, names, quiet=quiet, row_names=row_names):
+    for cs in stream_stats(cks, names, quiet=quiet, row_names=row_names, ray=ray, options=options):
         ck = cs.checkpoint
         warnings.extend(f"{ck.path.name}: {w}" for w in cs.warnings)
         hps = _hparams_for(series, ck)
@@ -311,8 +337,8 @@ def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = Fal
                                    u.scale_invariant, step_ratios=tr.step_ratios, gap_angles=tr.gap_angles)
         if u.role == "no-effect":
             regimes[u.name] = Regime("undetermined", "no effect on the output (removed by a normalizer)")
-    return Measurement(pd.DataFrame(norm_rows), pd.DataFrame(angle_rows), pd.DataFrame(t_rows),
-                       pd.DataFrame(ta_rows), units, regimes, warnings)
+    return Measurement(Records(norm_rows), Records(angle_rows), Records(t_rows), Records(ta_rows), units, regimes,
+                       warnings)
 
 
 def _current_segment(tr: _Track) -> list[int]:

@@ -21,11 +21,14 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from ..formats import OpenOptions
 
 CHUNK = 1 << 20  # elements per block of work: stays in the last-level cache; temporaries ≤ 4 MiB each
 BLOCK = 256  # float32 partial sums cover at most 256 products; partials are then summed in float64
@@ -396,9 +399,14 @@ def _progress(total: int, quiet: bool) -> Any:
 
 
 def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, quiet: bool = True,
-                 row_names: Collection[str] | None = None) -> Iterator[CheckpointStats]:
+                 row_names: Collection[str] | None = None, ray: str | None = None,
+                 options: OpenOptions | None = None) -> Iterator[CheckpointStats]:
     """Per-tensor statistics for each checkpoint, yielded in step order. Tensors in ``row_names`` (default: all)
     get per-row sums, the others one total.
+
+    ``ray``: a Ray address (``local``, ``auto``, ``host:port``): the same pass split into tasks on the cluster
+    (:mod:`ilr_inspect.scaleout.measure`), which reopen the checkpoints from their paths with ``options``; the
+    results are the same sums, bit for bit where that module says so.
 
     Checkpoint-major where tensors are views of a memory map (:func:`_mapped`): checkpoint i is read once, in
     storage order, against the still-mapped checkpoint i − 1, whose mapping is then released — resident file
@@ -421,6 +429,11 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
     pairs = sum(math.prod(ck.tensors[n].shape) for ck in checkpoints[1:] for n in order if n in ck.tensors)
     forced = os.environ.get("ILR_INSPECT_KERNEL", "auto").lower()
     kernel = forced == "on" or (forced != "off" and (bool(_kernel_mod) or pairs >= KERNEL_MIN_PAIRS))
+    if ray is not None:
+        from ..scaleout.measure import ray_stream_stats
+
+        yield from ray_stream_stats(ray, checkpoints, order, with_rows, kernel, warns, options=options, quiet=quiet)
+        return
     workers = max(1, min(4, os.cpu_count() or 1))
     progress = _progress(len(order) * len(checkpoints), quiet)
     task = None
@@ -557,7 +570,9 @@ def _by_tensor(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence[Che
             if prev is not None and prev.shape != cur.shape:
                 warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
                 prev = prev_sumsq = None
-            known = prev_sumsq.result().sumsq if prev_sumsq is not None and prev_sumsq.done() else None
+            # Always reuse ‖a‖² (waiting for it if need be: it ran while cur was read), so that the sums do not
+            # depend on timing and match the Ray path bit for bit.
+            known = prev_sumsq.result().sumsq if prev_sumsq is not None else None
             fut = pool.submit(row_stats, cur, prev, rows=name in with_rows, kernel=kernel, prev_sumsq=known)
             pending.append((i, name, fut))
             prev, prev_sumsq = cur, fut

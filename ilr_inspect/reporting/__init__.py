@@ -152,12 +152,14 @@ def report(
     title: str | None = None,
     units_file: str | Path | None = None,
     out_is_default: bool = False,
+    ray: str | None = None,
     **series_kwargs: Any,
 ) -> ReportResult:
     """Compute every table for a checkpoint series (a Series or paths) and write the report.
 
     ``out_is_default`` marks an output path the user did not choose; such a path is refused when it would land
-    inside a checkpoint folder (outputs the user named explicitly are written where asked).
+    inside a checkpoint folder (outputs the user named explicitly are written where asked). ``ray``: a Ray address
+    for the measurement pass (see :func:`ilr_inspect.measure.measure`).
     """
     from ..series import borrow
 
@@ -169,7 +171,8 @@ def report(
         if out_is_default and _inside(Path(out), folders):
             raise UsageError(f"the default output {out} would be written into the checkpoint folder",
                              hint="choose where the report goes with -o FILE")
-        tables = _compute_tables(series, model=model, probe=probe, units_file=units_file)
+        tables = _compute_tables(series, model=model, probe=probe, units_file=units_file, ray=ray,
+                                 options=series_kwargs.get("options"))
         inputs = [c.path for c in series]
     if equilibrium is not None:
         tables.equilibrium, tables.equilibrium_meta, tables.equilibrium_curves = load_equilibrium(Path(equilibrium))
@@ -186,7 +189,7 @@ def report(
 
 
 def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
-                    units_file: str | Path | None) -> ReportTables:
+                    units_file: str | Path | None, ray: str | None = None, options: Any = None) -> ReportTables:
     """The other commands' tables, from their library functions, reading every checkpoint once: one measurement
     pass gives the norms and angles rows and the regimes the units table reports."""
     from ..api import units
@@ -208,7 +211,7 @@ def _compute_tables(series: Any, *, model: str | None, probe: str | Path | None,
         loaded = load_weights(module, series.checkpoints[0])
         detect.update(model=module, probe=probe_data.inputs[:64], param_names=dict(loaded.mapping))
     found = detect_units(series.checkpoints[0], **detect)
-    m = measure(series, found, quiet=True)
+    m = measure(series, found, quiet=True, ray=ray, options=options)
     tables.norms, tables.angles = m.norms, m.angles
     tables.warnings.extend(w for w in m.warnings if w not in tables.warnings)
     # The units table from the same pass: no second detection, no second read.

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..output import Result, atomic_write_text, file_fingerprint, provenance, serialize
 from .config import CONFIG_NAME, Config, load_config, with_overrides
 
-__all__ = ["EquilibriumResult", "equilibrium", "load_config"]
+__all__ = ["EquilibriumResult", "Setup", "equilibrium", "load_config", "prepare", "run_arm"]
 
 
 @dataclass
@@ -49,6 +49,81 @@ def _default_out(run_dir: Path, cfg: Config, start_paths: Sequence[Path]) -> Pat
     return run_dir / "ilr-results"
 
 
+@dataclass
+class Setup:
+    """Everything an arm needs, built from paths and settings alone, so that a Ray worker rebuilds the same thing
+    the driver validated (``ilr_inspect.scaleout.sweep``)."""
+
+    cfg: Config
+    starts: list[Any]
+    data: Any
+    model: Any
+    states: dict[str, Any]
+    si_names: list[str]
+    si_note: str
+    classes: int
+    out_dir: Path
+    fingerprint: dict[str, Any]
+    quick: bool
+
+
+# (row, curve rows, bootstrap t_eq replicates) of one arm.
+ArmOutcome = tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]
+
+
+def prepare(run_dir: str | Path, *, config: str | Path | None = None, out: str | Path | None = None,
+            horizon: float | None = None, eval_every: float | None = None, seeds: int | None = None,
+            bootstrap: int | None = None, quick: bool = False, arms: list[str] | None = None) -> Setup:
+    """Read and validate ``ilr.toml``, its data, model and start checkpoints (nothing is written)."""
+    from . import inputs
+
+    run_dir = Path(run_dir)
+    cfg = with_overrides(load_config(Path(config) if config else run_dir / CONFIG_NAME), horizon=horizon,
+                         eval_every=eval_every, seeds=seeds, bootstrap=bootstrap, quick=quick, arms=arms)
+    starts = inputs.find_starts(cfg)
+    out_dir = Path(out) if out is not None else _default_out(run_dir, cfg, [s.path for s in starts])
+    data = inputs.load_data(cfg)
+    model = inputs.build(cfg)
+    states = {s.label: inputs.start_state(model, s.path) for s in starts}
+    si_names, si_note = inputs.si_tensors(model)
+    classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+    _check_fit(cfg, model, data, classes)
+    # A resume must see the same settings and the same start files (size + head/tail hash).
+    starts_id = [{k: v for k, v in file_fingerprint(s.path).items() if k != "path"} for s in starts]
+    return Setup(cfg, starts, data, model, states, si_names, si_note, classes, out_dir,
+                 {**cfg.fingerprint(), "start_files": starts_id}, quick)
+
+
+def run_arm(setup: Setup, arm: Any, store: Any, dev: Any, *, fuse: bool | None = None, compile: bool = False,
+            cuda_graph: bool = False, log: Callable[[str], None] | None = None,
+            on_eval: Callable[[str, int, int], None] | None = None,
+            on_steps: Callable[[int], None] | None = None) -> ArmOutcome:
+    """One arm, wherever it runs (this process or a Ray worker): train it to the horizon, resuming from its last
+    saved evaluation, summarize it and write its summary.json. A finished arm is not trained again: its saved
+    state is checked against the arm and its row and curves are recomputed from the saved evaluations."""
+    import torch
+
+    from .protocol import ArmRunner, summarize
+
+    cfg = setup.cfg
+    # Module randomness (dropout), if any, is seeded per arm: an arm's numbers do not depend on which arms ran
+    # before it in the same process.
+    torch.manual_seed(cfg.protocol.seed)
+    runner = ArmRunner(arm, cfg.protocol, setup.model, setup.starts, setup.states, setup.data, setup.si_names, dev,
+                       fuse=fuse, compile=compile, cuda_graph=cuda_graph, log=log)
+    records = runner.run(store, on_eval=on_eval, on_steps=on_steps)
+    row, crows, reps = summarize(arm, cfg.protocol, setup.starts, records, classes=setup.classes, smoke=setup.quick)
+    row["fused"] = runner.engine.fused
+    row["branch_steps_per_s"] = runner.branch_steps_per_s
+    saved = store.load_summary(arm.id)
+    if saved is not None and not math.isfinite(runner.branch_steps_per_s):
+        # Nothing was trained now: report how the arm was trained (possibly on another machine).
+        row["fused"] = saved.get("fused", row["fused"])
+        row["branch_steps_per_s"] = saved.get("branch_steps_per_s", math.nan)
+    store.save_summary(arm.id, {**row, "replicates": reps.tolist()})
+    return row, crows, reps
+
+
 def equilibrium(
     run_dir: str | Path,
     *,
@@ -69,70 +144,78 @@ def equilibrium(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     on_eval: Callable[[str, int, int], None] | None = None,
+    ray: str | None = None,
 ) -> EquilibriumResult:
     """Retrain every arm of ``run_dir/ilr.toml`` from its start checkpoints and measure the time to equilibrium.
 
     Results are written incrementally to ``out`` (default ``run_dir/ilr-results``); ``resume`` continues an
     interrupted run there. ``on_eval(arm, done, total)`` is called after every saved evaluation. ``threads``: CPU
     threads for torch (default: on the CPU, whichever of 1 and torch's default runs a step faster, timed here).
+    ``ray``: run one Ray task per arm on this cluster (``local``, ``auto``, ``host:port``; docs/equilibrium.md) —
+    the same results folder and the same table; ``threads`` is then the CPUs (and torch threads) per arm, default 1.
     """
-    import torch
+    say = log or (lambda _m: None)
+    setup = prepare(run_dir, config=config, out=out, horizon=horizon, eval_every=eval_every, seeds=seeds,
+                    bootstrap=bootstrap, quick=quick, arms=arms)
+    if not setup.si_names:
+        say(f"note: no scale-invariant weights found ({setup.si_note}); norm curves are empty")
+    extra: dict[str, Any] = {}
+    if ray is not None:
+        from ..scaleout.sweep import WorkerSpec, run_arms
 
-    from . import inputs
-    from .protocol import ArmRunner, Schedule, summarize
+        spec = WorkerSpec(run_dir=str(Path(run_dir).resolve()), config=str(setup.cfg.path),
+                          out=str(setup.out_dir.resolve()), horizon=horizon, eval_every=eval_every, seeds=seeds,
+                          bootstrap=bootstrap, quick=quick, arms=arms, device=device, fuse=fuse, compile=compile,
+                          cuda_graph=cuda_graph, threads=threads or 1)
+        dev, outcomes, extra = run_arms(ray, setup, spec, resume=resume, progress=progress, log=say,
+                                        on_eval=on_eval)
+    else:
+        dev, outcomes = _run_local(setup, device=device, resume=resume, fuse=fuse, compile=compile,
+                                   cuda_graph=cuda_graph, threads=threads, progress=progress, log=say,
+                                   on_eval=on_eval)
+    return _finish(setup, outcomes, dev, resume=resume, compile=compile, cuda_graph=cuda_graph, log=say, extra=extra)
+
+
+def _run_local(setup: Setup, *, device: str, resume: bool, fuse: bool | None, compile: bool, cuda_graph: bool,
+               threads: int | None, progress: bool, log: Callable[[str], None],
+               on_eval: Callable[[str, int, int], None] | None) -> tuple[Any, list[ArmOutcome]]:
+    from .protocol import Schedule
     from .store import Store
 
-    say = log or (lambda _m: None)
-    run_dir = Path(run_dir)
-    cfg = with_overrides(load_config(Path(config) if config else run_dir / CONFIG_NAME), horizon=horizon,
-                         eval_every=eval_every, seeds=seeds, bootstrap=bootstrap, quick=quick, arms=arms)
+    cfg = setup.cfg
     dev = _device(device)
-    starts = inputs.find_starts(cfg)
-    out_dir = Path(out) if out is not None else _default_out(run_dir, cfg, [s.path for s in starts])
-    data = inputs.load_data(cfg)
-    model = inputs.build(cfg)
-    states = {s.label: inputs.start_state(model, s.path) for s in starts}
-    si_names, si_note = inputs.si_tensors(model)
-    if not si_names:
-        say(f"note: no scale-invariant weights found ({si_note}); norm curves are empty")
-    classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    _check_fit(cfg, model, data, classes)
-    # Only now, with everything validated, claim the results folder. A resume must see the same settings and the
-    # same start files (size + head/tail hash).
-    starts_id = [{k: v for k, v in file_fingerprint(s.path).items() if k != "path"} for s in starts]
-    store = Store(out_dir, {**cfg.fingerprint(), "start_files": starts_id}, resume=resume)
+    # Only now, with everything validated, claim the results folder.
+    store = Store(setup.out_dir, setup.fingerprint, resume=resume)
     if dev.type == "cpu" and cfg.arms:
-        _set_threads(threads, model, [states[s.label] for s in starts], cfg.arms[0], data, dev, say)
-    torch.manual_seed(cfg.protocol.seed)  # dropout and other module randomness, if any
-
-    rows: list[dict[str, Any]] = []
-    curves: list[dict[str, Any]] = []
-    replicates: list[np.ndarray] = []
-    total_steps = sum(Schedule.of(a, cfg.protocol).steps for a in cfg.arms)
-    bar = _Progress(total_steps, enabled=progress)
+        _set_threads(threads, setup.model, [setup.states[s.label] for s in setup.starts], cfg.arms[0], setup.data,
+                     dev, log)
+    outcomes: list[ArmOutcome] = []
+    bar = _Progress(sum(Schedule.of(a, cfg.protocol).steps for a in cfg.arms), enabled=progress)
     try:
         for arm in cfg.arms:
-            runner = ArmRunner(arm, cfg.protocol, model, starts, states, data, si_names, dev, fuse=fuse,
-                               compile=compile, cuda_graph=cuda_graph, log=say)
             bar.describe(arm.id)
-            records = runner.run(store, on_eval=on_eval, on_steps=bar.advance)
-            row, crows, reps = summarize(arm, cfg.protocol, starts, records, classes=classes, smoke=quick)
-            row["fused"] = runner.engine.fused
-            row["branch_steps_per_s"] = runner.branch_steps_per_s
-            store.save_summary(arm.id, {**row, "replicates": reps.tolist()})
-            say(_arm_line(row))
-            rows.append(row)
-            curves.extend(crows)
-            replicates.append(reps)
+            outcome = run_arm(setup, arm, store, dev, fuse=fuse, compile=compile, cuda_graph=cuda_graph, log=log,
+                              on_eval=on_eval, on_steps=bar.advance)
+            log(_arm_line(outcome[0]))
+            outcomes.append(outcome)
     except KeyboardInterrupt:
         bar.close()
-        say(f"interrupted: finished evaluations are saved in {out_dir}; rerun with --resume to continue")
+        log(f"interrupted: finished evaluations are saved in {setup.out_dir}; rerun with --resume to continue")
         raise
     finally:
         bar.close()
+    return dev, outcomes
 
+
+def _finish(setup: Setup, outcomes: Sequence[ArmOutcome], dev: Any, *, resume: bool, compile: bool,
+            cuda_graph: bool, log: Callable[[str], None], extra: dict[str, Any]) -> EquilibriumResult:
+    """The tables, equilibrium.json, curves.csv and the chart from the arms' outcomes (in config order)."""
     from .analysis import Exponent, fit_exponent
 
+    cfg, out_dir, quick, say = setup.cfg, setup.out_dir, setup.quick, log
+    rows = [o[0] for o in outcomes]
+    curves = [c for o in outcomes for c in o[1]]
+    replicates = [o[2] for o in outcomes]
     frame = pd.DataFrame(rows)
     if quick:
         fit = Exponent(math.nan, math.nan, math.nan, 0, "--quick is a smoke test: too short to measure t_eq")
@@ -144,10 +227,11 @@ def equilibrium(
     norm_fit = fit_exponent(frame["intrinsic_lr"].to_numpy(float)[eq_arms],
                             frame["t_norm_predicted_steps"].to_numpy(float)[eq_arms],
                             [np.empty(0)] * int(eq_arms.sum()))
+    starts = setup.starts
     settings = {
         "config": str(cfg.path), "out": str(out_dir), "device": str(dev), "resume": resume,
         "compile": compile, "cuda_graph": cuda_graph,
-        "protocol": cfg.fingerprint()["protocol"], "si_tensors": si_names, "si_detection": si_note,
+        "protocol": cfg.fingerprint()["protocol"], "si_tensors": setup.si_names, "si_detection": setup.si_note,
         "starts": [{"label": s.label, "path": str(s.path), "step": s.step} for s in starts],
         "distance": "mean pairwise prediction disagreement on the probe set; noise floor = same start, other seed",
         "t_eq_rule": "first evaluation t with smoothed between-start distance ≤ (1+tolerance)·smoothed noise floor "
@@ -155,6 +239,7 @@ def equilibrium(
                      "after an earlier evaluation with distance > (1+approach)·floor (else: started-at-equilibrium); "
                      "step 0 is excluded (its floor is 0 by construction); resolution: one evaluation interval",
         "quick": quick,
+        **extra,
     }
     meta = provenance([cfg.path, *(s.path for s in starts)], settings)
     meta.update({

@@ -1,0 +1,114 @@
+"""`norms` on a ≥ 2 GB safetensors series: local vs `--ray local` vs `--ray auto` (a head started beforehand).
+
+Every run is the whole CLI process (imports, series listing, the pass, the table), so the Ray times include
+connecting, starting workers and, for `--ray local`, starting the cluster. All three use the same cores: the
+local pass its thread pool, the Ray runs a cluster of ``--cpus`` CPUs on this machine. The page cache is warmed
+first, so the comparison is of the pass, not of the disk. Prints the times, the overhead ratios (target: Ray ≤ 1.2×
+local) and the task granularity chosen (:func:`ilr_inspect.scaleout.measure.plan`).
+
+Usage: python benchmarks/bench_ray.py [--gib 2.0] [--checkpoints 8] [--cpus 2] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+_HEAD = r"""
+import sys
+import ray
+ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, configure_logging=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def write_series(folder: Path, gib: float, n_ck: int) -> int:
+    """n_ck checkpoints of 16 float32 tensors (1024 × cols), about gib GiB in all; returns the bytes written."""
+    from safetensors.numpy import save_file
+
+    per_tensor = int(gib * 2**30 / n_ck / 16)
+    cols = max(1, per_tensor // (4 * 1024))
+    rng = np.random.default_rng(0)
+    w = {f"layers.{i}.weight": rng.standard_normal((1024, cols), dtype=np.float32) for i in range(16)}
+    total = 0
+    for k in range(n_ck):
+        if k:
+            for a in w.values():  # a small random step, in place
+                a += np.float32(0.01) * rng.standard_normal(a.shape, dtype=np.float32)
+        path = folder / f"step_{1000 * k:07d}.safetensors"
+        save_file(w, str(path))
+        total += path.stat().st_size
+    return total
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gib", type=float, default=2.0, help="series size")
+    ap.add_argument("--checkpoints", type=int, default=8)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray cluster (use this machine's)")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the minimum time is reported")
+    args = ap.parse_args()
+    env = {k: v for k, v in os.environ.items() if k not in ("ILR_INSPECT_RAY_ADDRESS", "RAY_ADDRESS")}
+    with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
+        folder = Path(tmp) / "ckpts"
+        folder.mkdir()
+        t0 = time.perf_counter()
+        nbytes = write_series(folder, args.gib, args.checkpoints)
+        print(f"series: {args.checkpoints} checkpoints, {nbytes / 2**30:.2f} GiB "
+              f"(written in {time.perf_counter() - t0:.1f} s)")
+
+        from ilr_inspect.scaleout.measure import plan
+        from ilr_inspect.series import open_series
+
+        with open_series(folder) as series:
+            cks = series.checkpoints
+            print("granularity:", plan(cks, list(cks[0].tensors), args.cpus).describe())
+        for p in sorted(folder.iterdir()):  # warm the page cache
+            with open(p, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+        base = [sys.executable, "-m", "ilr_inspect", "norms", str(folder), "-f", "json", "-q"]
+        head = subprocess.Popen([sys.executable, "-c", _HEAD, str(args.cpus)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert head.stdout is not None and head.stdin is not None
+        try:
+            address = head.stdout.readline().strip()
+            auto_env = {**env, "RAY_ADDRESS": address}  # `auto` joins this head, not another cluster here
+            times: dict[str, list[float]] = {"local": [], "ray local": [], "ray auto": []}
+            for _ in range(args.repeats):
+                times["local"].append(timed(base, env))
+                times["ray local"].append(timed([*base, "--ray", "local"], env))
+                times["ray auto"].append(timed([*base, "--ray", "auto"], auto_env))
+        finally:
+            head.stdin.close()
+            head.wait(timeout=120)
+            head.stdout.close()
+    best = {k: min(v) for k, v in times.items()}
+    gb = nbytes / 1e9
+    for k, t in best.items():
+        print(f"{k:>10}: {t:7.2f} s  ({gb / t:.2f} GB/s)  all: {', '.join(f'{x:.2f}' for x in times[k])}")
+    print(f"overhead ray auto / local:  {best['ray auto'] / best['local']:.2f}x (target <= 1.2x)")
+    print(f"overhead ray local / local: {best['ray local'] / best['local']:.2f}x (includes starting the cluster)")
+
+
+if __name__ == "__main__":
+    main()
