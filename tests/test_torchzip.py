@@ -236,6 +236,21 @@ def test_payload_refused_without_running(tmp_path: Path, fn: Any, named: str) ->
     assert not marker.exists()
 
 
+def test_legacy_payload_through_a_file_object(tmp_path: Path) -> None:
+    """A legacy (non-zip) pickle never reaches the lazy reader: the stream goes to torch.load, which must refuse it
+    without --trust-pickle (naming the global) and run it only with trust."""
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil_legacy.pt"
+    torch.save({"w": torch.ones(2), "x": Payload(os.system, f"touch {marker}")}, p,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafePickleError) as err:
+        torch_pickle.open_fileobj(io.BytesIO(p.read_bytes()), p, OpenOptions())
+    assert "posix.system" in err.value.globals_needed
+    assert not marker.exists()
+    torch_pickle.open_fileobj(io.BytesIO(p.read_bytes()), p, OpenOptions(trust_pickle=True))
+    assert marker.exists()  # the explicit flag is the only way the payload runs
+
+
 def test_damaged_files_are_one_typed_error(tmp_path: Path) -> None:
     p = tmp_path / "model.pt"
     torch.save(training_checkpoint(), p)

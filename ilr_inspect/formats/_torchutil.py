@@ -89,14 +89,16 @@ def allowed_globals() -> list[Any]:
     return numpy_safe_globals() + data_globals()
 
 
-def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+def _unsafe_globals(src: Path | IO[bytes], exc: BaseException) -> list[str]:
     import torch
 
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not isinstance(src, Path):
+            src.seek(0)
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(src)
     except Exception:  # legacy (non-zip) files: the pickle stream's own GLOBAL opcodes, else torch's message
         found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc)) or (
-            _scan_globals(path))
+            _scan_globals(src) if isinstance(src, Path) else [])
     allowed = {f"{m}.{n}" for m, n in DATA_GLOBALS}
     found = [g for g in dict.fromkeys(found) if g not in allowed]
     return [g for g in found if not g.startswith("numpy.")] or found or ["(an unlisted global)"]
@@ -136,17 +138,23 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
             f"not a {what}: the file is {'text' if kind == 'text' else 'neither a zip archive nor a pickle'}",
             hint="this is a Git LFS pointer: fetch the real file with `git lfs pull`" if lfs
             else "check that this is the file torch.save wrote", path=path)
-    mmap = kind == "zip"  # mmap needs the zip layout; legacy pickles are read into memory
+    return _torch_load(path, path, trust=trust, what=what, mmap=kind == "zip")  # mmap needs the zip layout
+
+
+def _torch_load(src: Path | IO[bytes], path: Path, *, trust: bool, what: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and the data-only allowlist; with ``trust`` a refused file is loaded again
+    with weights_only=False (code runs: only on --trust-pickle); every failure becomes a typed error. ``src`` is
+    the local path or a seekable file object (a remote file); ``path`` names it in messages."""
     import torch
 
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise CorruptCheckpointError(f"cannot unpickle the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
                                          path=path) from exc
-        needed = _unsafe_globals(path, exc)
+        needed = _unsafe_globals(src, exc)
         if not trust:
             raise UnsafePickleError(path, needed) from exc
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
@@ -155,14 +163,16 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
     except Exception as exc:  # damaged pickles reach torch internals (AttributeError, TypeError, …)
         raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
                                      hint=_CORRUPT_HINT, path=path) from exc
-    return _load_trusted(path, mmap, needed, what)
+    if not isinstance(src, Path):
+        src.seek(0)
+    return _load_trusted(src, path, mmap, needed, what)
 
 
-def _load_trusted(path: Path, mmap: bool, needed: list[str], what: str) -> Any:
+def _load_trusted(src: Path | IO[bytes], path: Path, mmap: bool, needed: list[str], what: str) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(src, map_location="cpu", weights_only=False, mmap=mmap)
     except (ModuleNotFoundError, ImportError, AttributeError) as exc:
         missing = getattr(exc, "name", None) or _short(exc)
         raise InputError(
@@ -217,27 +227,7 @@ def load_fileobj(fh: IO[bytes], path: Path, *, trust: bool, what: str = "PyTorch
             return _torchzip.load(fh, path=path, local=False, trust=trust, what=what)
         except _torchzip.NotLazy:
             fh.seek(0)
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(fh, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise CorruptCheckpointError(f"cannot unpickle the {what} ({_short(exc)})", hint=_CORRUPT_HINT,
-                                         path=path) from exc
-        if not trust:
-            found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
-            raise UnsafePickleError(path, found or ["(an unlisted global)"]) from exc
-    except Exception as exc:  # damaged streams reach torch internals (RuntimeError, EOFError, …)
-        raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
-                                     hint=_CORRUPT_HINT, path=path) from exc
-    fh.seek(0)
-    try:
-        return torch.load(fh, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CorruptCheckpointError(f"cannot read the {what} ({type(exc).__name__}: {_short(exc)})",
-                                     hint=_CORRUPT_HINT, path=path) from exc
+    return _torch_load(fh, path, trust=trust, what=what)
 
 
 def is_tensor(v: Any) -> bool:
