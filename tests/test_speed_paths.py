@@ -4,7 +4,6 @@ released checkpoint by checkpoint."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import subprocess
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ilr_inspect import series as series_module
 from ilr_inspect.api import angles, norms, units
 from ilr_inspect.measure import stream
 from ilr_inspect.output import Records, Result, serialize, to_json_obj
@@ -309,13 +307,6 @@ def test_tiny_series_output_unchanged_and_no_torch(tmp_path: Path, cmd: str, fmt
     assert "ilr_inspect.measure" in mods or cmd in ("ls", "hparams")
 
 
-# series.missing_hparams_note (a file of another area) still builds a DataFrame for its note; inventory.missing_note
-# takes plain rows now, so the fix there is to pass ``rows`` instead of ``pd.DataFrame(rows)``.
-_SERIES_NEEDS_PANDAS = "pandas" in inspect.getsource(series_module.missing_hparams_note)
-
-
-@pytest.mark.xfail(_SERIES_NEEDS_PANDAS, strict=True,
-                   reason="series.missing_hparams_note still wraps its rows in a DataFrame")
 @pytest.mark.parametrize(("cmd", "fmt"), [("norms", "csv"), ("norms", "table"), ("ls", "json")])
 def test_tiny_series_never_imports_pandas(tmp_path: Path, cmd: str, fmt: str) -> None:
     """pandas + pyarrow cost ~0.3 s to import; a series without training logs renders without them."""
