@@ -315,3 +315,33 @@ def test_tiny_series_never_imports_pandas(tmp_path: Path, cmd: str, fmt: str) ->
     _, mods, _ = _run_recording_modules(args, tmp_path)
     assert "ilr_inspect.output" in mods
     assert not {m for m in mods if m.split(".")[0] in ("pandas", "pyarrow", "torch")}
+
+
+_LEAN_PROBE = """
+import sys
+import numpy as np
+from ilr_inspect.measure import _kernel
+rng = np.random.default_rng(0)
+a = rng.standard_normal((3, 1000)).astype(np.float32)
+b = a + np.float32(0.01) * rng.standard_normal((3, 1000)).astype(np.float32)
+got = np.stack(_kernel.pair_sums(b, a))
+x, y = a.astype(np.float64), b.astype(np.float64)
+ref = np.stack([(x * x).sum(1), (y * y).sum(1), ((y - x) ** 2).sum(1), ((y - x) * x).sum(1)])
+assert np.allclose(got, ref, rtol=1e-12, atol=0), (got, ref)
+hidden = "scipy.linalg" not in sys.modules
+import numba.np.arraymath as am
+import scipy.linalg  # importable again once the kernel is loaded
+print(hidden, am._HAVE_BLAS)
+"""
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_lean_numba_load_skips_scipy_only_when_asked(lean: str) -> None:
+    """The CLI and Ray workers (ILR_INSPECT_LEAN_NUMBA=1) load the kernel without numba's scipy/BLAS probe; a
+    library caller keeps numba's normal BLAS support. The kernel's sums equal a float64 recomputation either way."""
+    pytest.importorskip("numba")
+    pytest.importorskip("scipy.linalg")
+    env = {**os.environ, "ILR_INSPECT_LEAN_NUMBA": lean}
+    out = subprocess.run([sys.executable, "-c", _LEAN_PROBE], env=env, capture_output=True, text=True, check=True)
+    hidden, have_blas = out.stdout.split()
+    assert (hidden, have_blas) == (("True", "False") if lean == "1" else ("False", "True"))

@@ -22,6 +22,8 @@ def main() -> None:
     """Run the CLI, then end the process as soon as its output is flushed: tearing down the interpreter (freeing
     every module and array) cost 0.4-0.6 s per run and changes nothing a user sees. Files are written atomically
     and fsynced before this point; ILR_INSPECT_SLOW_EXIT=1 keeps the normal exit (e.g. for profilers)."""
+    # This process is ours: the compiled kernel may skip numba's scipy/BLAS probe (measure/_kernel.py).
+    os.environ.setdefault("ILR_INSPECT_LEAN_NUMBA", "1")
     try:
         app(prog_name="ilr-inspect")
         code = 0

@@ -10,10 +10,18 @@ The loop is serial on purpose: stream.py already runs one tensor per worker thre
 a parallel loop inside each call (prange) measured 3× slower on 2 cores (thread-pool spin-waits and a lock
 against the non-thread-safe fallback threading layer).
 Importing this module raises ImportError when numba is not installed; stream.py then keeps its NumPy path.
+
+Load time is what a short run pays: importing numba ~0.3 s, and the first call (loading the cached machine code)
+~0.55 s, of which ~0.3 s is numba registering its np.linalg support, which imports scipy.linalg only to find
+BLAS. The kernel needs no BLAS, so where this process is ours (the CLI, a Ray worker: ILR_INSPECT_LEAN_NUMBA=1)
+scipy.linalg is hidden during that first call; numba then records "no BLAS" for this process only, which no
+code of ours uses. Library callers keep numba's normal behaviour (their own jitted np.dot may need BLAS).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -50,7 +58,30 @@ except RuntimeError:  # no writable cache location at all: compile once per proc
     _pair_sums = njit(cache=False, **_FLAGS)(_pair_sums_py)
 
 
+_loaded: set[Any] = set()
+
+
+def warm(dtype: Any) -> None:
+    """Load the machine code for one dtype (float32 or float64) now; see the module's note on load time."""
+    dt = np.dtype(dtype)
+    if dt in _loaded:
+        return
+    lean = (os.environ.get("ILR_INSPECT_LEAN_NUMBA") == "1" and "numba.np.arraymath" not in sys.modules
+            and "scipy.linalg" not in sys.modules)
+    if lean:
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import fails fast: numba skips BLAS
+    try:
+        z = np.zeros((1, 1), dtype=dt)
+        _pair_sums(z, z)
+    finally:
+        if lean and sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
+    _loaded.add(dt)
+
+
 def pair_sums(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(‖a‖², ‖b‖², ‖b − a‖², ⟨b − a, a⟩) per row of two C-contiguous 2-D float32/float64 arrays, in float64."""
+    if b.dtype not in _loaded:
+        warm(b.dtype)
     s = _pair_sums(b, a)
     return s[:, 0], s[:, 1], s[:, 2], s[:, 3]

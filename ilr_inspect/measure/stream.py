@@ -341,14 +341,13 @@ def _pair_kernel() -> Any:
     return _kernel_mod or None
 
 
-def _warm_kernel() -> None:
-    """Import numba and load both machine-code variants (a worker runs this while the first checkpoint is read)."""
+def _warm_kernel(dtypes: Collection[str] = ("float32", "float64")) -> None:
+    """Import numba and load the machine code for these dtypes (a worker runs this while the first checkpoint is
+    read); each variant's first load costs ~0.1 s more, so only the series' own dtypes are loaded."""
     kern = _pair_kernel()
     if kern is not None:
-        compiled = getattr(kern, "_pair_sums", kern.pair_sums)
-        for dt in (np.float32, np.float64):
-            z = np.zeros((1, 1), dtype=dt)
-            compiled(z, z)
+        for dt in dtypes:
+            kern.warm(np.dtype(dt))
 
 
 def _kernel_stats(kern: Any, b: np.ndarray, a: np.ndarray) -> TensorStats:
@@ -448,8 +447,10 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
     by_ck = _mapped(checkpoints, order)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilr-measure") as pool:
-            if kernel and KERNEL and _kernel_mod is None:
-                pool.submit(_warm_kernel)  # numba loads on one core while the other reads the first checkpoint
+            if kernel and KERNEL and _kernel_mod is None:  # numba loads on one core while the other reads
+                work = {"float64" if ck.tensors[n].dtype == "float64" else "float32"
+                        for ck in checkpoints for n in order if n in ck.tensors}
+                pool.submit(_warm_kernel, sorted(work))
             run = _by_checkpoint if by_ck else _by_tensor
             yield from run(pool, workers, checkpoints, order, with_rows, kernel, warns, advance)
     finally:

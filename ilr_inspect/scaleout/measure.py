@@ -111,6 +111,7 @@ def measure_task(paths: list[str], formats: list[str], options: OpenOptions, nam
     from ..formats import detect
     from ..storage import to_path
 
+    os.environ.setdefault("ILR_INSPECT_LEAN_NUMBA", "1")  # a Ray worker is ours (measure/_kernel.py)
     cks: list[Checkpoint] = []
     try:
         for p, fmt, want in zip(paths, formats, shapes, strict=True):
