@@ -1,18 +1,22 @@
-"""`norms` on a ≥ 2 GB safetensors series: local vs `--ray local` vs `--ray auto` (a head started beforehand).
+"""`norms` (or `--cmd angles`) on a ≥ 2 GB safetensors series: local vs `--ray local` vs `--ray auto` (a head
+started beforehand).
 
 Every run is the whole CLI process (imports, series listing, the pass, the table), so the Ray times include
 connecting, starting workers and, for `--ray local`, starting the cluster. All three use the same cores: the
 local pass its thread pool, the Ray runs a cluster of ``--cpus`` CPUs on this machine. The page cache is warmed
 first, so the comparison is of the pass, not of the disk. Prints the times, the overhead ratios (target: Ray ≤ 1.2×
-local) and the task granularity chosen (:func:`ilr_inspect.scaleout.measure.plan`).
+local) and the task granularity chosen (:func:`ilr_inspect.scaleout.measure.plan`). CPU is user + sys of the CLI
+process and the children it waited for: the whole run for local, only the driver for Ray (its workers belong to
+the cluster).
 
-Usage: python benchmarks/bench_ray.py [--gib 2.0] [--checkpoints 8] [--cpus 2] [--repeats 1]
+Usage: python benchmarks/bench_ray.py [--gib 2.0] [--checkpoints 8] [--cpus 2] [--repeats 1] [--cmd norms]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,13 +54,16 @@ def write_series(folder: Path, gib: float, n_ck: int) -> int:
     return total
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall s, CPU s of the process and its waited-for children)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return dt
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> None:
@@ -65,6 +72,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=8)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray cluster (use this machine's)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the minimum time is reported")
+    ap.add_argument("--cmd", default="norms", choices=["norms", "angles"])
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("ILR_INSPECT_RAY_ADDRESS", "RAY_ADDRESS")}
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
@@ -86,14 +94,14 @@ def main() -> None:
                 while fh.read(1 << 24):
                     pass
 
-        base = [sys.executable, "-m", "ilr_inspect", "norms", str(folder), "-f", "json", "-q"]
+        base = [sys.executable, "-m", "ilr_inspect", args.cmd, str(folder), "-f", "json", "-q"]
         head = subprocess.Popen([sys.executable, "-c", _HEAD, str(args.cpus)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert head.stdout is not None and head.stdin is not None
         try:
             address = head.stdout.readline().strip()
             auto_env = {**env, "RAY_ADDRESS": address}  # `auto` joins this head, not another cluster here
-            times: dict[str, list[float]] = {"local": [], "ray local": [], "ray auto": []}
+            times: dict[str, list[tuple[float, float]]] = {"local": [], "ray local": [], "ray auto": []}
             for _ in range(args.repeats):
                 times["local"].append(timed(base, env))
                 times["ray local"].append(timed([*base, "--ray", "local"], env))
@@ -102,10 +110,13 @@ def main() -> None:
             head.stdin.close()
             head.wait(timeout=120)
             head.stdout.close()
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(w for w, _ in v) for k, v in times.items()}
     gb = nbytes / 1e9
+    print(f"command: {args.cmd}")
     for k, t in best.items():
-        print(f"{k:>10}: {t:7.2f} s  ({gb / t:.2f} GB/s)  all: {', '.join(f'{x:.2f}' for x in times[k])}")
+        cpu = min(c for _, c in times[k])
+        print(f"{k:>10}: {t:7.2f} s  ({gb / t:.2f} GB/s)  CPU {cpu:.2f} s{' (driver only)' if k != 'local' else ''}"
+              f"  all: {', '.join(f'{w:.2f}' for w, _ in times[k])}")
     print(f"overhead ray auto / local:  {best['ray auto'] / best['local']:.2f}x (target <= 1.2x)")
     print(f"overhead ray local / local: {best['ray local'] / best['local']:.2f}x (includes starting the cluster)")
 

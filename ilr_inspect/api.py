@@ -73,13 +73,15 @@ def run(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tensor
 def _measured(source: SeriesSource, units: Sequence[Unit] | None, per_tensor: bool, model: nn.Module | None,
               probe: torch.Tensor | None, graph: Any, granularity: str, units_file: str | Path | None,
               param_names: Mapping[str, str] | None, quiet: bool,
-              series_kwargs: dict[str, Any], ray: str | None = None) -> tuple[Measurement, list[Path]]:
-    """One streamed pass for norms/angles, and the checkpoint paths it read (for provenance)."""
+              series_kwargs: dict[str, Any], ray: str | None = None,
+              angles: bool = True) -> tuple[Measurement, list[Path]]:
+    """One streamed pass for norms/angles, and the checkpoint paths it read (for provenance). ``angles=False``:
+    only the norms tables are needed, so the pass sums pairs only where a norms column uses an angle."""
     with borrow(source, **series_kwargs) as series:
         found = _detect(series, units, model=model, probe=probe, graph=graph, granularity=granularity,
                         units_file=units_file, param_names=param_names)
         return (measure(series, found, per_tensor=per_tensor, granularity=granularity, quiet=quiet, ray=ray,
-                        options=series_kwargs.get("options")),
+                        options=series_kwargs.get("options"), angles=angles),
                 _inputs(series))
 
 
@@ -93,7 +95,7 @@ def norms(source: SeriesSource, *, units: Sequence[Unit] | None = None, per_tens
     ``units``: measure these instead of detecting them (then the detection keywords are unused).
     """
     m, inputs = _measured(source, units, per_tensor, model, probe, graph, granularity, units_file, param_names,
-                          quiet, series_kwargs, ray)
+                          quiet, series_kwargs, ray, angles=False)
     rows = m.tensor_rows if per_tensor else m.norm_rows
     if per_tensor and len(rows):
         first = ("step", "checkpoint", "parameter")

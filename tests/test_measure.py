@@ -515,7 +515,7 @@ def test_mixed_rows_kernel_on_and_off(dtype: type, rows: bool, kernel: bool, mon
         from ilr_inspect.measure import _kernel
 
         pair_sums = _kernel.pair_sums
-        monkeypatch.setattr(_kernel, "pair_sums", lambda b, a: (calls.append(b.shape[0]), pair_sums(b, a))[1])
+        monkeypatch.setattr(_kernel, "pair_sums", lambda b, a, *k: (calls.append(b.shape[0]), pair_sums(b, a, *k))[1])
     numpy_rows: list[int] = []
     numpy_pair = stream._numpy_pair
     monkeypatch.setattr(stream, "_numpy_pair", lambda b, a, w, buf: (numpy_rows.append(b.shape[0]),
@@ -580,7 +580,7 @@ def test_small_series_do_not_load_the_kernel(monkeypatch: pytest.MonkeyPatch) ->
 
     calls: list[int] = []
     pair_sums = _kernel.pair_sums
-    monkeypatch.setattr(_kernel, "pair_sums", lambda b, a: (calls.append(b.shape[0]), pair_sums(b, a))[1])
+    monkeypatch.setattr(_kernel, "pair_sums", lambda b, a, *k: (calls.append(b.shape[0]), pair_sums(b, a, *k))[1])
     monkeypatch.setattr(stream, "_kernel_mod", None)
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((8, 50)).astype(np.float32) for _ in range(3)]

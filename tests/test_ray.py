@@ -101,7 +101,9 @@ def _same(local: dict[str, Any], ray: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("cmd", "path", "kernel"), [
-    ("norms", DIGITS, "off"),
+    ("norms", DIGITS, "off"),  # norms only: pairs just for the units with angle-implied norms
+    ("norms", DIGITS, "on"),  # ... with the compiled norm and pair loops
+    ("norms", TORCH_GROUPS, "off"),  # no tensor needs pairs: tasks read each checkpoint once, no boundary
     ("angles", DIGITS, "on"),  # the compiled kernel on both sides
     ("angles", TORCH_GROUPS, "off"),  # another torch series
     ("units", KERAS, "off"),  # regimes from the same pass; a reader that copies (HDF5), tensor-major locally
@@ -242,3 +244,36 @@ def test_task_refuses_changed_files_and_plan_covers_everything() -> None:
         assert all(a[1] == b[0] for a, b in zip(pl.segments, pl.segments[1:], strict=False))
         assert pl.tasks >= 8  # ≥ 4 per CPU where the series allows
         assert plan(cks, order, cpus=2).tasks == 1  # a tiny series: one task (64 MiB floor)
+
+
+def test_norms_only_task_skips_the_boundary() -> None:
+    """Without a cluster: a task whose tensors need no pairs opens only its own checkpoints (no boundary) and
+    returns the same ‖w‖² bit for bit as a task that sums pairs across the boundary; a wrong ``before`` shape is
+    reported as the local pass reports a shape change."""
+    from ilr_inspect.formats import OpenOptions
+    from ilr_inspect.scaleout.measure import measure_task
+    from ilr_inspect.series import open_series
+
+    with open_series(DIGITS) as series:
+        cks = series.checkpoints
+        assert len(cks) >= 3
+        order = list(cks[0].tensors)
+        shapes = [{n: tuple(ck.tensors[n].shape) for n in order} for ck in cks]
+        paths, fmts = [str(c.path) for c in cks], [c.format for c in cks]
+        rows = [True] * len(order)
+        paired = measure_task(paths[:3], fmts[:3], OpenOptions(), order, shapes[:3], rows, False, True)
+        before = {n: tuple(cks[0].tensors[n].shape) for n in order}
+        alone = measure_task(paths[1:3], fmts[1:3], OpenOptions(), order, shapes[1:3], rows, False, False,
+                             [False] * len(order), before)
+        assert len(paired) == len(alone) == 2
+        for (p_stats, p_warn), (a_stats, a_warn) in zip(paired, alone, strict=True):
+            assert p_stats.keys() == a_stats.keys() and not p_warn and not a_warn
+            for n, (ss, prev, tang, numel) in a_stats.items():
+                assert prev is None and tang is None and numel == p_stats[n][3]
+                assert np.array_equal(ss, p_stats[n][0])
+                assert p_stats[n][1] is not None  # the paired task did sum the pair
+        odd = {n: (*shape, 1) for n, shape in before.items()}
+        one = [{order[0]: before[order[0]]}]
+        warned = measure_task(paths[1:2], fmts[1:2], OpenOptions(), order[:1], one, rows[:1], False, False,
+                              [False], {order[0]: odd[order[0]]})
+        assert warned[0][1] == [f"{order[0]}: shape {odd[order[0]]} -> {before[order[0]]}; no angle for this pair"]

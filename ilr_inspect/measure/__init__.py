@@ -253,10 +253,39 @@ def _tensor_units(units: Sequence[Unit]) -> list[tuple[str, Unit]]:
     return out
 
 
+def _needs_angle(u: Unit, cks: Sequence[Checkpoint], hps: Sequence[dict[str, HParams]]) -> bool:
+    """Whether a norms row of ``u`` may take its ``predicted_norm`` from the angle to the previous checkpoint
+    (the "angle-implied" equilibrium norm of :func:`measure`): a scale-invariant unit at a checkpoint where the
+    closed form is unavailable and the theory predicts an angle for the gap. Decided from hyperparameters and
+    shapes alone, before any tensor is read; it errs towards True (the closed form is tried at the unit's full
+    size, where it is largest, and the measured angle is not known yet)."""
+    if not u.scale_invariant:
+        return False
+    for i in range(1, len(cks)):
+        prev_ck, ck = cks[i - 1], cks[i]
+        steps = (ck.step - prev_ck.step) if ck.step is not None and prev_ck.step is not None else None
+        if not steps:
+            continue
+        hp, _ = _unit_hp(u, hps[i])
+        numel = sum(math.prod(ck.tensors[m].shape) for m in u.members if m in ck.tensors)
+        if math.isfinite(_f(theory.equilibrium_norm_closed_form(theory.dynamics(hp), max(1, numel)))):
+            continue
+        hp_prev, _ = _unit_hp(u, hps[i - 1])
+        pred = theory.predicted_angle(theory.dynamics(hp_prev or hp), steps)
+        if pred is not None and pred > 0:
+            return True
+    return False
+
+
 def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = False,
             granularity: str = "tensor", quiet: bool = True, ray: str | None = None,
-            options: OpenOptions | None = None) -> Measurement:
+            options: OpenOptions | None = None, angles: bool = True) -> Measurement:
     """One streamed pass: norms, angles and regimes for every unit (and optionally every member tensor).
+
+    ``angles=False``: only the norms tables are wanted (``norm_rows``, ``tensor_rows``; they are the same as with
+    angles). Tensors are then read once per checkpoint with no previous value kept, except the members of units
+    whose norms row may need its angle (:func:`_needs_angle`); ``angle_rows``, ``tensor_angle_rows`` and
+    ``regimes`` come back empty.
 
     ``ray``: run the pass as tasks on that Ray cluster (``local``, ``auto``, ``host:port``), reopening the
     checkpoints there with ``options`` (the ones the series was opened with); the tables are the same.
@@ -280,10 +309,17 @@ def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = Fal
     prev_hps: dict[str, HParams] = {}
     row_names = {m for u in units if u.kind in ("channel", "group") for m in u.members}
     recon = step_angle.Reconstructor(getattr(series, "logs", None))
-    for cs in stream_stats(cks, names, quiet=quiet, row_names=row_names, ray=ray, options=options):
+    all_hps: list[dict[str, HParams]] | None = None
+    pair_names: set[str] | None = None
+    if not angles:
+        all_hps = [_hparams_for(series, ck) for ck in cks]
+        pair_names = {m for u in [*units, *(tu for _, tu in tensor_units)] if _needs_angle(u, cks, all_hps)
+                      for m in u.members}
+    for cs in stream_stats(cks, names, quiet=quiet, row_names=row_names, ray=ray, options=options,
+                           pair_names=pair_names):
         ck = cs.checkpoint
         warnings.extend(f"{ck.path.name}: {w}" for w in cs.warnings)
-        hps = _hparams_for(series, ck)
+        hps = all_hps[cs.index] if all_hps is not None else _hparams_for(series, ck)
         # The last update, from the optimizer state (a second read of the unit tensors, only where state exists).
         step_units, step_tensors = recon.checkpoint(ck, units, [u for _, u in tensor_units], hps)
         for kind_rows, a_rows, pairs, trk in ((norm_rows, angle_rows, [(u.name, u) for u in units], tracks),
@@ -337,6 +373,8 @@ def measure(series: SeriesLike, units: Sequence[Unit], *, per_tensor: bool = Fal
                                    u.scale_invariant, step_ratios=tr.step_ratios, gap_angles=tr.gap_angles)
         if u.role == "no-effect":
             regimes[u.name] = Regime("undetermined", "no effect on the output (removed by a normalizer)")
+    if not angles:  # partial (only the units that needed them): not handed out as if complete
+        angle_rows, ta_rows, regimes = [], [], {}
     return Measurement(Records(norm_rows), Records(angle_rows), Records(t_rows), Records(ta_rows), units, regimes,
                        warnings)
 

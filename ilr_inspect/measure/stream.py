@@ -9,7 +9,10 @@ i is read in storage order against checkpoint i − 1, still mapped, whose pages
 file pages stay within two checkpoints and anonymous memory within a few cache-sized blocks. Where a reader copies
 each tensor, the loop is tensor-major (two copies of one tensor alive at a time). ‖w‖² of the previous checkpoint
 is reused as ‖a‖². The sums of one tensor run on a worker thread while the next is read (NumPy and the compiled
-pass release the GIL). A tensor holding NaN or inf gets a warning and null values for its own checkpoint only.
+pass release the GIL). A caller that needs only norms names the tensors that need pairs (``pair_names``); the
+others are summed alone, keep no previous value, and a checkpoint none of whose tensors is kept is released as soon
+as it is summed (one checkpoint resident). A tensor holding NaN or inf gets a warning and null values for its own
+checkpoint only.
 """
 
 from __future__ import annotations
@@ -223,6 +226,10 @@ def _block_stats(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, mode: str,
 _U64 = 2.0**-53  # float64 unit roundoff
 
 
+_NORM_BUF = 1 << 15  # float64 elements (256 KiB) widened at a time by _norm64: written and read again while in L2;
+# measured 0.83-1.14 ns/element against 1.26-1.40 with 2 MiB pieces (float32 tensors of 64 MiB, one thread)
+
+
 def _norm64(b: np.ndarray) -> np.ndarray:
     """Σ_j b_ij² per row of 2-D b, every product and sum in float64 (agrees with a float64 recomputation to
     ~1e-15). Float32 and narrower data is widened in cache-sized pieces into one reused buffer, then summed by
@@ -231,7 +238,7 @@ def _norm64(b: np.ndarray) -> np.ndarray:
         return _dot64(b, b)
     n_rows, cols = b.shape
     out = np.zeros(n_rows, dtype=np.float64)
-    buf = np.empty(min(b.size, CHUNK // 4), dtype=np.float64)
+    buf = np.empty(min(b.size, _NORM_BUF), dtype=np.float64)
     if cols > buf.size:
         for r in range(n_rows):
             for lo in range(0, cols, buf.size):
@@ -263,8 +270,8 @@ def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True, ke
     Δq ≤ Σ w_i·2√q_i·tol ≤ 2√q·tol since q ≥ Σ w_i q_i.
     ``prev_sumsq`` is ‖a‖² per row as computed for the previous checkpoint: reused instead of summed again.
     Data that is neither float32 nor float64 is converted block by block into a reused buffer.
-    With ``kernel`` (and :data:`KERNEL`), float32/float64 pairs take the compiled one-loop pass when numba is
-    installed (:func:`_kernel_stats`).
+    With ``kernel`` (and :data:`KERNEL`), float32/float64 data takes the compiled loops when numba is installed
+    (:func:`_kernel_stats`, :func:`_norm_sums`).
     """
     n_rows = _rows(cur.shape) if rows else 1
     b = np.asarray(cur).reshape(n_rows, -1)
@@ -276,16 +283,27 @@ def row_stats(cur: np.ndarray, prev: np.ndarray | None, *, rows: bool = True, ke
         z = None if a is None else np.zeros(n_rows)
         return TensorStats(np.zeros(n_rows, dtype=np.float64), z, z, 0)
     if a is None:
-        return TensorStats(_norm64(b), None, None, int(b.size))
+        return TensorStats(_norm_sums(b, kernel), None, None, int(b.size))
     if prev_sumsq is not None and prev_sumsq.shape != (n_rows,):
         prev_sumsq = None
     work = np.dtype(np.float64 if b.dtype == np.float64 else np.float32)
     kern = _pair_kernel() if kernel and KERNEL and b.dtype == work and a.dtype == work else None
     if kern is not None and b.flags.c_contiguous and a.flags.c_contiguous:
-        return _kernel_stats(kern, b, a)
+        return _kernel_stats(kern, b, a, prev_sumsq)
     bufx = None if b.dtype == work else np.empty(min(b.size, CHUNK), dtype=work)
     _, pss, tang = _numpy_pair(b, a, work, bufx) if prev_sumsq is None else _numpy_pair(b, a, work, bufx, prev_sumsq)
-    return TensorStats(_norm64(b), pss, tang, int(b.size))
+    return TensorStats(_norm_sums(b, kernel), pss, tang, int(b.size))
+
+
+def _norm_sums(b: np.ndarray, kernel: bool) -> np.ndarray:
+    """‖b‖² per row of 2-D b in float64: the compiled loop where the pass uses it (the same sum, bit for bit, as
+    the ‖b‖² of its pair loop, so a norm does not depend on whether the angle was asked for), else
+    :func:`_norm64`."""
+    if kernel and KERNEL and b.dtype in (np.float32, np.float64) and b.flags.c_contiguous:
+        kern = _pair_kernel()
+        if kern is not None:
+            return np.asarray(kern.norm_sums(b))
+    return _norm64(b)
 
 
 def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any], bufx: np.ndarray | None,
@@ -317,14 +335,16 @@ def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any], bufx: np.ndar
     return ss, pss, tang
 
 
-KERNEL = True  # use the compiled one-loop pass (ilr_inspect.measure._kernel) when numba is installed
-# ... in a series pass only from this many element pairs on (or once it is loaded anyway): importing numba and
-# loading the cached machine code costs ~0.5-1 s CPU once per process (overlapped with the first checkpoint's
-# reads, see stream_stats). Measured on 2 busy cores: a float32 pair costs ~1.3 ns in the kernel and ~5 ns in the
-# NumPy blocks; a whole `angles` run on 75M pairs took 2.34 s CPU with the kernel and 1.68 s without, so the load
-# is repaid from ~2.5e8 pairs (~2^28, 1 GiB of float32 pairs) on.
-# ILR_INSPECT_KERNEL=on|off forces the choice.
-KERNEL_MIN_PAIRS = 1 << 28
+KERNEL = True  # use the compiled loops (ilr_inspect.measure._kernel) when numba is installed
+# ... in a series pass only from this much work on (or once they are loaded anyway): importing numba and loading
+# the cached machine code costs ~0.64 s CPU once per process (0.31 import + 0.33 first call, lean; measured on this
+# 2-core machine, busy). In-process on 10 × 256 MiB float32 (671M elements, 604M pairs), busy machine: `norms`
+# 0.86-1.09 s CPU with NumPy's _norm64 and 0.40 s with the norm loop (~0.7-1.0 ns saved per element: the load is
+# repaid from ~6-9e8 elements); `angles` 2.6-2.7 s with the NumPy blocks and 0.59 s with the pair loop (~3.4 ns
+# saved per pair: repaid from ~1.9e8 pairs). A pass loads the kernel when pairs/KERNEL_MIN_PAIRS +
+# elements summed alone/KERNEL_MIN_NORMS ≥ 1 (see use_kernel). ILR_INSPECT_KERNEL=on|off forces the choice.
+KERNEL_MIN_PAIRS = 3 << 26  # ~2.0e8 pairs (0.75 GiB of float32 pairs)
+KERNEL_MIN_NORMS = 3 << 28  # ~8.1e8 elements (3 GiB of float32)
 _kernel_mod: Any = None  # None: not tried yet; False: numba missing; else the module
 
 
@@ -341,25 +361,47 @@ def _pair_kernel() -> Any:
     return _kernel_mod or None
 
 
-def _warm_kernel(dtypes: Collection[str] = ("float32", "float64")) -> None:
-    """Import numba and load the machine code for these dtypes (a worker runs this while the first checkpoint is
-    read); each variant's first load costs ~0.1 s more, so only the series' own dtypes are loaded."""
+def _warm_kernel(dtypes: Collection[str] = ("float32", "float64"), loops: tuple[str, ...] = ("norm", "pair")) -> None:
+    """Import numba and load the machine code for these dtypes and loops (a worker runs this while the first
+    checkpoint is read); each variant's first load costs more, so only what the pass needs is loaded."""
     kern = _pair_kernel()
     if kern is not None:
         for dt in dtypes:
-            kern.warm(np.dtype(dt))
+            kern.warm(np.dtype(dt), loops)
 
 
-def _kernel_stats(kern: Any, b: np.ndarray, a: np.ndarray) -> TensorStats:
+def use_kernel(checkpoints: Sequence[Checkpoint], order: Sequence[str], pairs: Collection[str]) -> bool:
+    """Whether a pass over these tensors should load the compiled loops: ILR_INSPECT_KERNEL=on|off, else by size
+    (element pairs against a previous value, and elements summed alone), or when they are loaded anyway."""
+    forced = os.environ.get("ILR_INSPECT_KERNEL", "auto").lower()
+    if forced in ("on", "off"):
+        return forced == "on"
+    if _kernel_mod:
+        return True
+    n_pairs = n_single = 0
+    for i, ck in enumerate(checkpoints):
+        for n in order:
+            if n in ck.tensors:
+                k = math.prod(ck.tensors[n].shape)
+                if i and n in pairs:
+                    n_pairs += k
+                else:
+                    n_single += k
+    # n_pairs / KERNEL_MIN_PAIRS + n_single / KERNEL_MIN_NORMS ≥ 1, without dividing (a threshold may be 0)
+    return n_pairs * KERNEL_MIN_NORMS + n_single * KERNEL_MIN_PAIRS >= KERNEL_MIN_PAIRS * KERNEL_MIN_NORMS
+
+
+def _kernel_stats(kern: Any, b: np.ndarray, a: np.ndarray, prev_sumsq: np.ndarray | None = None) -> TensorStats:
     """Row sums from one compiled loop over a and b (float64 sums of float64 products and differences), then per
     row the cheapest form of P whose bound holds — derived, else fast (q ≥ FAST_Q) — and the NumPy path for the
     rows left (mostly radial changes where neither bound holds).
 
-    The error model is the loop's own arithmetic: each of the four sums has ≤ cols float64 terms, so its error is
-    ≤ cols·2⁻⁵³·Σ|terms| in any summation order (the loop is reassociated), and d = b − a is rounded once (≤ 2⁻⁵³|d|;
-    exact for float32 data of similar magnitude). ‖b‖² is the loop's own sum, never derived from a, so a
-    non-finite a cannot touch it."""
-    aa, bb, dd, da = kern.pair_sums(b, a)
+    ‖a‖² is ``prev_sumsq`` (the previous checkpoint's ‖b‖², a float64 sum of the same kind) when given, so the loop
+    sums three terms, not four. The error model is the loop's own arithmetic: each sum has ≤ cols float64 terms, so
+    its error is ≤ cols·2⁻⁵³·Σ|terms| in any summation order (the loop is reassociated), and d = b − a is rounded
+    once (≤ 2⁻⁵³|d|; exact for float32 data of similar magnitude). ‖b‖² is the loop's own sum, never derived from
+    a, so a non-finite a cannot touch it."""
+    aa, bb, dd, da = kern.pair_sums(b, a) if prev_sumsq is None else kern.pair_sums(b, a, prev_sumsq)
     cols = b.shape[1]
     e = (cols + 2) * _U64
     _, p, ok = _derived(aa, dd, da, e, _U64)
@@ -399,9 +441,12 @@ def _progress(total: int, quiet: bool) -> Any:
 
 def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, quiet: bool = True,
                  row_names: Collection[str] | None = None, ray: str | None = None,
-                 options: OpenOptions | None = None) -> Iterator[CheckpointStats]:
+                 options: OpenOptions | None = None,
+                 pair_names: Collection[str] | None = None) -> Iterator[CheckpointStats]:
     """Per-tensor statistics for each checkpoint, yielded in step order. Tensors in ``row_names`` (default: all)
-    get per-row sums, the others one total.
+    get per-row sums, the others one total. Tensors in ``pair_names`` (default: all) also get the pair sums
+    against the previous checkpoint (``prev_sumsq``, ``tang``); the others only ‖w‖², read once per checkpoint
+    with no previous value kept.
 
     ``ray``: a Ray address (``local``, ``auto``, ``host:port``): the same pass split into tasks on the cluster
     (:mod:`ilr_inspect.scaleout.measure`), which reopen the checkpoints from their paths with ``options``; the
@@ -425,13 +470,13 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
         missing = wanted - set(ck.tensors)
         if missing:
             warns[i].append(f"{len(missing)} unit tensor(s) not in {ck.path.name}: {sorted(missing)[:3]}")
-    pairs = sum(math.prod(ck.tensors[n].shape) for ck in checkpoints[1:] for n in order if n in ck.tensors)
-    forced = os.environ.get("ILR_INSPECT_KERNEL", "auto").lower()
-    kernel = forced == "on" or (forced != "off" and (bool(_kernel_mod) or pairs >= KERNEL_MIN_PAIRS))
+    with_pairs = wanted if pair_names is None else wanted & set(pair_names)
+    kernel = use_kernel(checkpoints, order, with_pairs)
     if ray is not None:
         from ..scaleout.measure import ray_stream_stats
 
-        yield from ray_stream_stats(ray, checkpoints, order, with_rows, kernel, warns, options=options, quiet=quiet)
+        yield from ray_stream_stats(ray, checkpoints, order, with_rows, kernel, warns, options=options, quiet=quiet,
+                                    pair_names=with_pairs)
         return
     workers = max(1, min(4, os.cpu_count() or 1))
     progress = _progress(len(order) * len(checkpoints), quiet)
@@ -450,9 +495,10 @@ def stream_stats(checkpoints: Sequence[Checkpoint], names: Sequence[str], *, qui
             if kernel and KERNEL and _kernel_mod is None:  # numba loads on one core while the other reads
                 work = {"float64" if ck.tensors[n].dtype == "float64" else "float32"
                         for ck in checkpoints for n in order if n in ck.tensors}
-                pool.submit(_warm_kernel, sorted(work))
+                loops = ("norm", "pair") if with_pairs and len(checkpoints) > 1 else ("norm",)
+                pool.submit(_warm_kernel, sorted(work), loops)
             run = _by_checkpoint if by_ck else _by_tensor
-            yield from run(pool, workers, checkpoints, order, with_rows, kernel, warns, advance)
+            yield from run(pool, workers, checkpoints, order, with_rows, kernel, warns, advance, with_pairs)
     finally:
         if progress is not None:
             progress.stop()
@@ -474,6 +520,19 @@ _MADV_DONTNEED = 4  # Linux
 _libc: Any = None
 
 
+def _get_libc() -> Any:
+    """libc with madvise typed (OSError where it cannot be loaded)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = lib
+    return _libc
+
+
 def _release(ck: Checkpoint) -> None:
     """Drop the resident pages of a checkpoint's file mappings once no array of it is needed.
 
@@ -482,17 +541,11 @@ def _release(ck: Checkpoint) -> None:
     advised MADV_DONTNEED: the pages leave this process (they stay in the page cache) and a later read faults them
     in again from the file. Only private mappings of the checkpoint's own files are touched, which nothing
     writes; elsewhere (not Linux, no libc) this does nothing."""
-    global _libc
     if not sys.platform.startswith("linux"):
         return
     root = str(ck.path.resolve())
     try:
-        if _libc is None:
-            import ctypes
-            import ctypes.util
-
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc = _get_libc()
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
             lines = fh.readlines()
     except OSError:
@@ -505,7 +558,7 @@ def _release(ck: Checkpoint) -> None:
         if path != root and not path.startswith(root + os.sep):
             continue
         lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        _libc.madvise(lo, hi - lo, _MADV_DONTNEED)
+        libc.madvise(lo, hi - lo, _MADV_DONTNEED)
 
 
 def _check(name: str, st: TensorStats, warns: list[str]) -> TensorStats:
@@ -515,27 +568,36 @@ def _check(name: str, st: TensorStats, warns: list[str]) -> TensorStats:
 
 
 def _by_checkpoint(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence[Checkpoint], order: Sequence[str],
-                   with_rows: set[str], kernel: bool, warns: list[list[str]],
-                   advance: _Advance) -> Iterator[CheckpointStats]:
+                   with_rows: set[str], kernel: bool, warns: list[list[str]], advance: _Advance,
+                   with_pairs: Collection[str] | None = None) -> Iterator[CheckpointStats]:
+    """Checkpoint i against the still-mapped i − 1. Only tensors in ``with_pairs`` (default: all) keep their
+    previous value; a checkpoint none of whose tensors is kept is released as soon as its own sums are done."""
+    pairs = set(order) if with_pairs is None else set(with_pairs)
     prev_arrays: dict[str, np.ndarray] = {}
     prev_sums: dict[str, np.ndarray] = {}
+    prev_shapes: dict[str, tuple[int, ...]] = {}
     prev_ck: Checkpoint | None = None
+    wanted = set(order)
     for i, ck in enumerate(checkpoints):
         pending: deque[tuple[str, Future[TensorStats]]] = deque()
         cur_arrays: dict[str, np.ndarray] = {}
         done: dict[str, TensorStats] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for name in ck.tensors:
-            if name not in order:
+            if name not in wanted:
                 continue
             cur = ck.read(name)
             prev = prev_arrays.pop(name, None)
-            if prev is not None and prev.shape != cur.shape:
-                warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
+            shapes[name] = cur.shape
+            was = prev_shapes.get(name)
+            if was is not None and was != cur.shape:  # told for every tensor, whether or not its pair is summed
+                warns[i].append(f"{name}: shape {was} -> {cur.shape}; no angle for this pair")
                 prev = None
             fut = pool.submit(row_stats, cur, prev, rows=name in with_rows, kernel=kernel,
                               prev_sumsq=prev_sums.get(name) if prev is not None else None)
             pending.append((name, fut))
-            cur_arrays[name] = cur
+            if name in pairs:
+                cur_arrays[name] = cur
             del cur, prev
             while len(pending) > workers:
                 n, f = pending.popleft()
@@ -547,8 +609,13 @@ def _by_checkpoint(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence
         prev_arrays.clear()
         if prev_ck is not None:
             _release(prev_ck)
-        prev_arrays, prev_ck = cur_arrays, ck
-        prev_sums = {n: s.sumsq for n, s in done.items()}
+            prev_ck = None
+        if cur_arrays:
+            prev_arrays, prev_ck = cur_arrays, ck
+        else:
+            _release(ck)
+        prev_sums = {n: s.sumsq for n, s in done.items() if n in pairs}
+        prev_shapes = shapes
         yield CheckpointStats(i, ck, done, warns[i])
     prev_arrays.clear()
     if prev_ck is not None:
@@ -556,18 +623,32 @@ def _by_checkpoint(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence
 
 
 def _by_tensor(pool: ThreadPoolExecutor, workers: int, checkpoints: Sequence[Checkpoint], order: Sequence[str],
-               with_rows: set[str], kernel: bool, warns: list[list[str]],
-               advance: _Advance) -> Iterator[CheckpointStats]:
+               with_rows: set[str], kernel: bool, warns: list[list[str]], advance: _Advance,
+               with_pairs: Collection[str] | None = None) -> Iterator[CheckpointStats]:
     per_ck: list[dict[str, TensorStats]] = [{} for _ in checkpoints]
     pending: deque[tuple[int, str, Future[TensorStats]]] = deque()
     for name in order:
         prev: np.ndarray | None = None
         prev_sumsq: Future[TensorStats] | None = None
+        keep = with_pairs is None or name in with_pairs
+        was: tuple[int, ...] | None = None
         for i, ck in enumerate(checkpoints):
             if name not in ck.tensors:
                 prev = prev_sumsq = None
+                was = None
                 continue
             cur = ck.read(name)
+            if not keep:  # ‖w‖² only: no previous value held
+                if was is not None and was != cur.shape:
+                    warns[i].append(f"{name}: shape {was} -> {cur.shape}; no angle for this pair")
+                was = cur.shape
+                pending.append((i, name, pool.submit(row_stats, cur, None, rows=name in with_rows, kernel=kernel)))
+                del cur
+                while len(pending) > workers:
+                    j, n, f = pending.popleft()
+                    per_ck[j][n] = _check(n, f.result(), warns[j])
+                advance()
+                continue
             if prev is not None and prev.shape != cur.shape:
                 warns[i].append(f"{name}: shape {prev.shape} -> {cur.shape}; no angle for this pair")
                 prev = prev_sumsq = None

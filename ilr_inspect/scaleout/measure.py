@@ -1,19 +1,23 @@
 """The single tensor pass of :func:`ilr_inspect.measure.stream.stream_stats`, split into Ray tasks.
 
 A task is one tensor group × one checkpoint segment. It is sent paths, the format names, the open options, tensor
-names and the kernel flag — never tensors — reopens its checkpoints on the worker, and walks each tensor's chain
-through the segment (two tensors in memory), calling :func:`~ilr_inspect.measure.stream.row_stats` exactly as the
-local pass does: same ``rows``, same ``kernel``, ‖a‖² reused from the previous checkpoint. Segments overlap by one
-checkpoint: the boundary is read by both neighbours (the earlier one measures it, the later one only needs it as
-the previous value a and its ‖a‖²), so each tensor is read once per checkpoint plus once per segment boundary.
-Only the per-row float64 sums and warnings come back; the driver reduces them into the same
+names, which of them need pair sums, and the kernel flag — never tensors — reopens its checkpoints on the worker,
+and walks each tensor's chain through the segment (two tensors in memory), calling
+:func:`~ilr_inspect.measure.stream.row_stats` exactly as the local pass does: same ``rows``, same ``kernel``, ‖a‖²
+reused from the previous checkpoint, pairs only for the tensors the local pass gives pairs. Segments of tensors
+with pairs overlap by one checkpoint: the boundary is read by both neighbours (the earlier one measures it, the
+later one only needs it as the previous value a and its ‖a‖²). A tensor without pairs (``norms`` needs only ‖w‖²)
+skips the boundary, and a task none of whose tensors has pairs does not even open it, so each of its checkpoints
+is read once. Only the per-row float64 sums and warnings come back; the driver reduces them into the same
 :class:`~ilr_inspect.measure.stream.CheckpointStats` sequence in step order, so everything downstream is unchanged.
 
-Bit-identity: every sum is the same computation on the same bytes as the local pass, so ‖w‖², ‖a‖² and P — and
-hence every table column — are bit-identical, with one exception: the compiled kernel (numba) computes ‖a‖² itself
-and reports its own ‖b‖², which the local pass would hand to the next checkpoint only when that one falls back to
-the NumPy blocks (a dtype change between checkpoints); the Ray boundary then uses the NumPy ‖a‖² (agreeing to
-~1e-15 relative).
+Bit-identity: every sum is the same computation on the same bytes as the local pass (the compiled pair loop takes
+the known ‖a‖² just as the local pass does), so ‖w‖², ‖a‖² and P — and hence every table column — are
+bit-identical.
+
+Worker start-up is part of every Ray run. What a worker imports for a task is this module (NumPy, the checkpoint
+record, the measure package for the stream's sums: ~65 ms CPU beyond NumPy, measured) and, inside the task, the
+format readers; Ray's own worker start (importing ray, ~1-2 s CPU) dwarfs it.
 
 Dead workers: Ray reruns a task whose worker died (``max_retries``); a task is a pure function of files, so a
 rerun gives the same result.
@@ -24,16 +28,18 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import IlrError, InputError
-from ..formats import OpenOptions
 from ..measure.stream import CheckpointStats, TensorStats, _check, _progress, row_stats
+
+if TYPE_CHECKING:
+    from ..formats import OpenOptions
 
 MIN_TASK_BYTES_ENV = "ILR_INSPECT_RAY_TASK_BYTES"
 MIN_TASK_BYTES = 64 << 20  # below this a task's fixed cost (scheduling, reopening headers) starts to show
@@ -104,10 +110,13 @@ def plan(checkpoints: Sequence[Checkpoint], order: Sequence[str], cpus: int,
 
 def measure_task(paths: list[str], formats: list[str], options: OpenOptions, names: list[str],
                  shapes: list[dict[str, tuple[int, ...]]], rows: list[bool], kernel: bool,
-                 boundary: bool) -> _TaskResult:
+                 boundary: bool, pairs: list[bool] | None = None,
+                 before: dict[str, tuple[int, ...]] | None = None) -> _TaskResult:
     """One task, on a worker: reopen the checkpoints, walk each tensor's chain, return the sums.
 
-    ``boundary``: the first checkpoint belongs to the previous segment; it is read only as the previous value."""
+    ``boundary``: the first checkpoint belongs to the previous segment; it is read only as the previous value of
+    the tensors with ``pairs`` (default: all), and there only their shapes matter to the others. ``before``: the
+    shapes in the checkpoint before the first, where that one is not opened (a segment with no pairs)."""
     from ..formats import detect
     from ..storage import to_path
 
@@ -125,9 +134,23 @@ def measure_task(paths: list[str], formats: list[str], options: OpenOptions, nam
                                  path=path)
         start = 1 if boundary else 0
         out: _TaskResult = [({}, []) for _ in cks[start:]]
-        for name, by_rows in zip(names, rows, strict=True):
+        for name, by_rows, paired in zip(names, rows, pairs or [True] * len(names), strict=True):
             prev: np.ndarray | None = None
             prev_ss: np.ndarray | None = None
+            if not paired:  # ‖w‖² only, as the local pass: no previous value, the boundary is not read
+                for j in range(start, len(cks)):
+                    ck = cks[j]
+                    info = cks[j - 1].tensors.get(name) if j else None
+                    was = tuple(info.shape) if info is not None else (before or {}).get(name) if not j else None
+                    if name not in ck.tensors:
+                        continue
+                    cur = ck.read(name)
+                    if was is not None and tuple(was) != cur.shape:
+                        out[j - start][1].append(f"{name}: shape {tuple(was)} -> {cur.shape}; no angle for this pair")
+                    st0 = _check(name, row_stats(cur, None, rows=by_rows, kernel=kernel), out[j - start][1])
+                    out[j - start][0][name] = (st0.sumsq, st0.prev_sumsq, st0.tang, st0.numel)
+                    del cur
+                continue
             for j, ck in enumerate(cks):
                 if name not in ck.tensors:
                     prev = prev_ss = None
@@ -162,11 +185,13 @@ def _cause(exc: BaseException) -> BaseException:
 
 def ray_stream_stats(address: str, checkpoints: Sequence[Checkpoint], order: Sequence[str], with_rows: set[str],
                      kernel: bool, warns: list[list[str]], *, options: OpenOptions | None = None,
-                     quiet: bool = True) -> Iterator[CheckpointStats]:
+                     quiet: bool = True, pair_names: Collection[str] | None = None) -> Iterator[CheckpointStats]:
     """The Ray counterpart of the local loop in ``stream_stats``: same arguments, same yields."""
+    from ..formats import OpenOptions
     from .cluster import session
 
     opts = options or OpenOptions()
+    with_pairs = set(order) if pair_names is None else set(pair_names)
     with session(address) as ray:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         pl = plan(checkpoints, order, cpus)
@@ -174,13 +199,16 @@ def ray_stream_stats(address: str, checkpoints: Sequence[Checkpoint], order: Seq
         refs: dict[Any, tuple[int, int]] = {}
         for gi, group in enumerate(pl.groups):
             rows = [n in with_rows for n in group]
+            paired = [n in with_pairs for n in group]
             for si, (lo, hi) in enumerate(pl.segments):
-                first = max(0, lo - 1)
+                first = max(0, lo - 1) if any(paired) else lo  # the boundary is read only for pairs
                 seg = checkpoints[first:hi]
                 shapes = [{n: tuple(ck.tensors[n].shape) for n in group if n in ck.tensors} for ck in seg]
+                before = ({n: tuple(checkpoints[lo - 1].tensors[n].shape) for n in group
+                           if n in checkpoints[lo - 1].tensors} if first == lo > 0 else None)
                 ref = remote.options(name=f"ilr-measure g{gi} s{si}").remote(
                     [str(ck.path) for ck in seg], [ck.format for ck in seg], opts, group, shapes, rows, kernel,
-                    lo > 0)
+                    first < lo, paired, before)
                 refs[ref] = (gi, si)
         got: dict[tuple[int, int], _TaskResult] = {}
         progress = _progress(pl.tasks, quiet)
