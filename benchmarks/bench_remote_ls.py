@@ -2,10 +2,12 @@
 
 The claims under test (docs/scale-out.md): `ls` on a remote series reads headers with ranged requests, so it moves
 < 1 % of the bytes (issue target: 20 x 512 MiB safetensors files); `norms` streams each tensor once, so it moves
-about 100 % once, and gives the same table as the local run. Bytes are counted twice: by the client
-(ILR_INSPECT_IO_STATS=1) and by the server (object bytes sent).
+about 100 % once, and gives the same table as the local run; `hparams` on Trainer-layout `checkpoint-N/` folders
+reads `optimizer.pt` lazily (zip directory, data.pkl, step counters), a small fraction of it. Bytes are counted
+twice: by the client (ILR_INSPECT_IO_STATS=1) and by the server (object bytes sent).
 
 Usage: python benchmarks/bench_remote_ls.py [--n 20] [--mib 512] [--norms-n 5] [--norms-mib 32]
+                                            [--hparams-n 3] [--hparams-mib 64]
 The full size needs ~2 x 10 GiB of temporary disk (the files, and moto's copy of them).
 """
 
@@ -74,6 +76,33 @@ def write_dense(path: Path, mib: int, step: int, rng: np.random.Generator) -> No
               str(path), metadata={"step": str(step), "lr": "0.1", "weight_decay": "0.0005"})
 
 
+def write_trainer_checkpoint(folder: Path, mib: int, step: int) -> None:
+    """A ``checkpoint-N/`` folder as the HF Trainer lays it out: model.safetensors, optimizer.pt (torch.save of a
+    real AdamW state_dict after ``step`` updates, ``mib`` MiB of moments), scheduler.pt, trainer_state.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(step)
+    width = 512
+    layers = max(1, (mib << 20) // (2 * 4 * (width * width + width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 1000)
+    for _ in range(step):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    folder.mkdir(parents=True)
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
+    torch.save(sched.state_dict(), folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str, int]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -90,6 +119,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512, help="MiB per file of the ls series")
     ap.add_argument("--norms-n", type=int, default=5)
     ap.add_argument("--norms-mib", type=int, default=32)
+    ap.add_argument("--hparams-n", type=int, default=3, help="checkpoint-N folders of the hparams series")
+    ap.add_argument("--hparams-mib", type=int, default=64, help="MiB of optimizer.pt per checkpoint")
     args = ap.parse_args()
 
     import boto3  # type: ignore[import-untyped]
@@ -140,6 +171,22 @@ def main() -> None:
         wall_l, out_l, _ = run([*cli, "norms", str(nd), "-f", "csv"], env)
         same = out_r.replace("s3://bench/norms", "<root>") == out_l.replace(str(nd), "<root>")
         rows.append((f"norms {args.norms_n} x {args.norms_mib} MiB", total_n, wall_l, wall_r, client_n, server_n))
+
+        hd = Path(tmp) / "trainer"
+        for i in range(args.hparams_n):
+            write_trainer_checkpoint(hd / f"checkpoint-{i + 1}", args.hparams_mib, i + 1)
+        for f in sorted(hd.rglob("*")):
+            if f.is_file():
+                s3.upload_file(str(f), "bench", f"trainer/{f.relative_to(hd).as_posix()}",
+                               Config=TransferConfig(multipart_threshold=1 << 40))
+        total_h = sum(f.stat().st_size for f in hd.rglob("optimizer.pt"))
+        before = counter.bytes
+        wall_hr, out_hr, client_h = run([*cli, "hparams", "s3://bench/trainer", "-f", "csv"], env)
+        server_h = counter.bytes - before
+        wall_hl, out_hl, _ = run([*cli, "hparams", str(hd), "-f", "csv"], env)
+        same_h = out_hr.replace("s3://bench/trainer", "<root>") == out_hl.replace(str(hd), "<root>")
+        rows.append((f"hparams {args.hparams_n} x {args.hparams_mib} MiB opt", total_h, wall_hl, wall_hr, client_h,
+                     server_h))
     server.shutdown()
 
     print(f"setup (write + upload): {setup:.1f} s; moto S3 server on {endpoint}")
@@ -148,6 +195,7 @@ def main() -> None:
     for name, tot, lw, rw, cb, sb in rows:
         print(f"{name:<24} {tot:>14} {lw:>8.2f} {rw:>9.2f} {cb:>13} {sb:>13} {sb / tot:>9.4%}")
     print(f"norms table remote == local: {same}")
+    print(f"hparams table remote == local: {same_h} (bytes: every object read, against the optimizer.pt sizes)")
     ls_fraction = rows[0][5] / rows[0][1]
     print(f"ls target < 1 % of the bytes: {'met' if ls_fraction < 0.01 else 'NOT met'} ({ls_fraction:.4%})")
 

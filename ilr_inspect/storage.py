@@ -140,6 +140,11 @@ _FS: dict[str, Any] = {}
 _LISTINGS: dict[tuple[int, str], dict[str, dict[str, Any]] | None] = {}
 
 
+def used() -> bool:
+    """Whether this process has opened a URL (a remote filesystem was set up)."""
+    return bool(_FS)
+
+
 def _filesystem(url: str) -> tuple[Any, str]:
     protocol = url.split("://", 1)[0].lower()
     try:
@@ -360,10 +365,10 @@ class RemotePath:
         for d in dirs:
             yield from (self / d).walk(None if max_depth is None else max_depth - 1)
 
-    def open(self, mode: str = "rb", **_: Any) -> IO[Any]:
+    def open(self, mode: str = "rb", *, block_size: int = BLOCK_SIZE, **_: Any) -> IO[Any]:
         if mode not in ("rb", "r"):
             raise InputError("remote storage is read-only here", path=str(self))
-        fh = self._call("open", self.key, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
+        fh = self._call("open", self.key, "rb", block_size=block_size, cache_type="readahead")
         cache = getattr(fh, "cache", None)
         if cache is not None and hasattr(cache, "fetcher"):
             inner = cache.fetcher
@@ -393,6 +398,18 @@ class RemotePath:
         _count(len(data))
         return data
 
+    def read_ranges(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Several ranges of this object, requested concurrently (fsspec ``cat_ranges``; async backends such as
+        s3fs and gcsfs send them at once)."""
+        if not spans:
+            return []
+        got = self._call("cat_ranges", [self.key] * len(spans), [a for a, _ in spans], [b for _, b in spans],
+                         on_error="raise")
+        out = [bytes(d) for d in got]
+        for d in out:
+            _count(len(d))
+        return out
+
 
 # --- helpers the readers share ---------------------------------------------------------------------------------
 
@@ -405,11 +422,18 @@ def read_range(path: Path, start: int, end: int) -> bytes:
         return fh.read(max(0, end - start))
 
 
-def open_binary(path: Path) -> IO[bytes]:
-    """A seekable binary file object: the builtin file locally; remotely an fsspec file reading ahead in
-    256 KiB blocks (a zip reader seeks to the central directory and then reads members in order)."""
+def read_ranges(path: Path, spans: list[tuple[int, int]]) -> list[bytes]:
+    """:func:`read_range` for several ranges: concurrent requests for a remote object."""
     if isinstance(path, RemotePath):
-        return cast(IO[bytes], path.open("rb"))
+        return path.read_ranges(spans)
+    return [read_range(path, a, b) for a, b in spans]
+
+
+def open_binary(path: Path, block_size: int = BLOCK_SIZE) -> IO[bytes]:
+    """A seekable binary file object: the builtin file locally; remotely an fsspec file reading ahead in
+    ``block_size`` blocks (a zip reader seeks to the central directory and then reads members in order)."""
+    if isinstance(path, RemotePath):
+        return cast(IO[bytes], path.open("rb", block_size=block_size))
     return open(path, "rb")
 
 
@@ -484,17 +508,6 @@ def _copy(src: RemotePath, dst: Path) -> int:
         for start in range(0, size, 8 << 20):
             out.write(src.read_range(start, min(size, start + (8 << 20))))
     return size
-
-
-def stage_files(files: list[Path], note: list[str] | None = None) -> Path:
-    """Copy remote files into one private temporary folder (deleted at exit), keeping their names."""
-    top = tempfile.mkdtemp(prefix="ilr-inspect-stage-")
-    _STAGE.append(top)
-    total = sum(_copy(cast(RemotePath, f), Path(top) / f.name) for f in files)
-    if note is not None and files:
-        note.append(f"{', '.join(f.name for f in files)}: no ranged reader yet: downloaded {total} bytes "
-                    "to a temporary copy")
-    return Path(top)
 
 
 def stage_tree(files: list[Path], root: Path) -> Path:

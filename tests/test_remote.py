@@ -4,12 +4,16 @@ the local run on the same files, while ``ls`` fetches headers only (counted by t
 
 from __future__ import annotations
 
+import collections
 import io
+import json
 import os
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +38,36 @@ SERIES = {  # S3 prefix -> fixture folder (written by the frameworks' own save p
     "runs/hf_trainer_final": FIX / "layouts" / "hf_trainer_final",  # Trainer output_dir + save_model() on top
     "runs/hf_sharded": FIX / "torch_other" / "hf_sharded",  # model-0000x-of-00002.safetensors + index
     "runs/flax": FIX / "flax",  # Flax msgpack (no ranged reader: staged) + hparams.yaml + TensorBoard runs/
+    "runs/hf_bin": FIX / "reference" / "hf_bin",  # save_pretrained(safe_serialization=False): pytorch_model.bin
+    "runs/accelerate": FIX / "layouts" / "accelerate",  # save_state(): optimizer.bin / scheduler.bin beside weights
 }
 
 
 class _Counter:
-    """WSGI middleware: bytes of object data the server sent (GET on bucket/key, listings excluded)."""
+    """WSGI middleware: bytes of object data the server sent (GET on bucket/key, listings excluded), in all and
+    per object (``per_key["/bucket/key"]``)."""
 
     def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
         self.object_bytes = 0
+        self.per_key: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
-        is_object = environ["REQUEST_METHOD"] == "GET" and environ.get("PATH_INFO", "").strip("/").count("/") >= 1
+        key = environ.get("PATH_INFO", "")
+        is_object = environ["REQUEST_METHOD"] == "GET" and key.strip("/").count("/") >= 1
         for chunk in self.app(environ, start_response):
             if is_object:
                 with self.lock:
                     self.object_bytes += len(chunk)
+                    self.per_key[key] += len(chunk)
             yield chunk
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@contextmanager
+def moto_server() -> Iterator[tuple[dict[str, str], _Counter]]:
+    """A real S3 API server (moto's, in server mode) on 127.0.0.1 with an empty bucket ``BUCKET``; yields the
+    environment that points a client at it (set in os.environ meanwhile) and the traffic counter."""
     from moto.moto_server.threaded_moto_server import MotoRequestHandler  # type: ignore[attr-defined]
     from moto.server import DomainDispatcherApplication, create_backend_app  # type: ignore[attr-defined]
     from werkzeug.serving import make_server
@@ -69,28 +81,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import boto3  # type: ignore[import-untyped]
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    for prefix, folder in SERIES.items():
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.name != "truth.json":
-                client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(folder).as_posix()}")
-    # Bigger files for the "ls reads headers only" check: 3 checkpoints of ~8 MiB (two float32 tensors each).
-    from safetensors.numpy import save_file
-
-    big = tmp_path_factory.mktemp("big")
-    rng = np.random.default_rng(0)
-    for step in (100, 200, 300):
-        save_file({"layer.weight": rng.standard_normal((1024, 1024)).astype(np.float32),
-                   "layer.bias": rng.standard_normal(1024).astype(np.float32),
-                   "norm.weight": rng.standard_normal((1024, 1024)).astype(np.float32)},
-                  str(big / f"step_{step:06d}.safetensors"), metadata={"step": str(step), "lr": "0.1"})
-        client.upload_file(str(big / f"step_{step:06d}.safetensors"), BUCKET, f"big/step_{step:06d}.safetensors")
-    SERIES_BIG = big  # noqa: N806
     try:
-        yield {"endpoint": endpoint, "counter": counter, "big": SERIES_BIG, "env": env}
+        import boto3  # type: ignore[import-untyped]
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        yield env, counter
     finally:
         server.shutdown()
         thread.join(5)
@@ -101,6 +96,38 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 os.environ[k] = v
         storage._FS.clear()
         storage._LISTINGS.clear()
+
+
+def upload(env: dict[str, str], folder: Path, prefix: str) -> None:
+    """Every file under ``folder`` (truth.json excepted) to ``s3://BUCKET/prefix/`` with the same layout."""
+    import boto3  # type: ignore[import-untyped]
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != "truth.json":
+            client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(folder).as_posix()}")
+    storage._LISTINGS.clear()  # this process's listings (and s3fs's) predate the upload
+    for fs in storage._FS.values():
+        fs.invalidate_cache()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from safetensors.numpy import save_file
+
+    with moto_server() as (env, counter):
+        for prefix, folder in SERIES.items():
+            upload(env, folder, prefix)
+        # Bigger files for the "ls reads headers only" check: 3 checkpoints of ~8 MiB (two float32 tensors each).
+        big = tmp_path_factory.mktemp("big")
+        rng = np.random.default_rng(0)
+        for step in (100, 200, 300):
+            save_file({"layer.weight": rng.standard_normal((1024, 1024)).astype(np.float32),
+                       "layer.bias": rng.standard_normal(1024).astype(np.float32),
+                       "norm.weight": rng.standard_normal((1024, 1024)).astype(np.float32)},
+                      str(big / f"step_{step:06d}.safetensors"), metadata={"step": str(step), "lr": "0.1"})
+        upload(env, big, "big")
+        yield {"endpoint": env["AWS_ENDPOINT_URL"], "counter": counter, "big": big, "env": env}
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -140,6 +167,8 @@ def test_ls_and_hparams_match_local(s3: dict[str, Any], prefix: str) -> None:
     ("runs/hf_sharded", ("norms", "angles")),
     pytest.param("runs/hf_trainer_final", ("norms",), marks=pytest.mark.slow),  # config.json units + functional
     ("runs/flax", ("norms",)),
+    ("runs/hf_bin", ("norms",)),  # pickled weights, read lazily by ranged reads (no temporary copy)
+    ("runs/accelerate", ("norms",)),  # the step angle from optimizer.bin, read lazily
 ])
 def test_measurements_match_local(s3: dict[str, Any], prefix: str, commands: tuple[str, ...]) -> None:
     for cmd in commands:
@@ -290,3 +319,147 @@ def test_local_runs_do_not_import_fsspec() -> None:
                           env={**os.environ, "ILR_INSPECT_SLOW_EXIT": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "IMPORTED []" in proc.stdout, proc.stdout[-500:]
+
+
+# A real transformers Trainer run (its own save path: checkpoint-N/ with model.safetensors, optimizer.pt,
+# scheduler.pt, trainer_state.json), big enough that reading optimizer.pt whole would show: 1.8 MB per checkpoint.
+# The live optimizer's param groups at each save are the truth for the hyperparameters.
+_TRAINER = r"""
+import json, sys
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments,
+                          set_seed)
+
+root = sys.argv[1]
+set_seed(0)
+cfg = BertConfig(vocab_size=64, hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=512,
+                 max_position_embeddings=8, type_vocab_size=1, num_labels=2)
+model = BertForSequenceClassification(cfg)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(1, 64, (32, 8), generator=g)
+labels = ((ids < 32).sum(1) > 4).long()
+
+
+class Toks(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+
+
+truth = {}
+
+
+class Truth(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        truth[f"checkpoint-{state.global_step}"] = sorted(
+            {(g["lr"], g["weight_decay"]) for g in kw["optimizer"].param_groups})
+
+
+args = TrainingArguments(output_dir=root, max_steps=4, save_steps=2, per_device_train_batch_size=16,
+                         learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, lr_scheduler_type="linear",
+                         logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                         dataloader_num_workers=0)
+Trainer(model=model, args=args, train_dataset=Toks(), callbacks=[Truth()]).train()
+json.dump(truth, open(root + "/truth.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def trainer(s3: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trainer") / "out"
+    proc = subprocess.run([sys.executable, "-c", _TRAINER, str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    upload(s3["env"], out, "trainer")
+    return out
+
+
+def _must_read(optimizer_pt: Path, slack: int = 128) -> int:
+    """What ``hparams`` has to fetch of a torch.save zip: its first bytes (the file type), the end records as
+    zipfile probes them (22, 42, 98 bytes: end record, + Zip64 locator, + Zip64 end record), the zip directory
+    with the end records, data.pkl and byteorder, and the storages of ≤ 64 bytes (fetched together right after
+    data.pkl: the Adam ``step`` counters give the update count), each member with its local header; ``slack``
+    bytes more per member, as the reader asks for (torch pads the header's extra field to align the data)."""
+    with zipfile.ZipFile(optimizer_pt) as zf:
+        members = [i for i in zf.infolist() if i.filename.endswith(("/data.pkl", "/byteorder"))
+                   or (i.filename.split("/")[-2] == "data" and i.file_size <= 64)]
+        tail = optimizer_pt.stat().st_size - zf.start_dir  # type: ignore[attr-defined]
+    return 64 + (22 + 42 + 98) + tail + sum(30 + len(i.filename) + slack + i.file_size for i in members)
+
+
+@pytest.mark.slow  # a real Trainer run first (~10 s on a busy 2-core machine)
+def test_trainer_optimizer_state_read_by_range(s3: dict[str, Any], trainer: Path) -> None:
+    """hparams on a Trainer output_dir in S3 reads optimizer.pt through the lazy zip reader: the same table as
+    locally (and the live optimizer's lr / weight decay), fetching under 2 % of each optimizer.pt — its zip
+    directory, data.pkl and the step counters (about 0.9 % here), never the Adam moments."""
+    counter = s3["counter"]
+    with counter.lock:
+        counter.per_key.clear()
+    table = _same("hparams", trainer, f"s3://{BUCKET}/trainer")
+    truth = json.loads((trainer / "truth.json").read_text())
+    assert sorted(truth) == ["checkpoint-2", "checkpoint-4"]
+    for ck, groups in truth.items():
+        rows = table[table["checkpoint"] == f"<root>/{ck}"]
+        got = sorted({(float(r.lr), float(r.weight_decay)) for r in rows.itertuples()})
+        np.testing.assert_allclose(np.array(got), np.array(sorted(tuple(g) for g in groups)), rtol=1e-12)
+        opt = trainer / ck / "optimizer.pt"
+        fetched = counter.per_key[f"/{BUCKET}/trainer/{ck}/optimizer.pt"]
+        must = _must_read(opt)
+        size = opt.stat().st_size
+        assert 0 < fetched <= must, (ck, fetched, must)
+        assert fetched < 0.02 * size, (ck, fetched, size)
+        sched = trainer / ck / "scheduler.pt"  # small: fetched whole, once
+        assert counter.per_key[f"/{BUCKET}/trainer/{ck}/scheduler.pt"] == sched.stat().st_size
+    assert not any("temporary copy" in str(w) for w in table.columns)
+
+
+def test_step_angles_from_remote_optimizer_state(s3: dict[str, Any]) -> None:
+    """The last-step angle from the SGD momentum buffers saved beside the weights (torch.save training
+    checkpoints): read lazily from S3, the same exact values as locally."""
+    upload(s3["env"], FIX / "step_angle" / "equilibrium", "step_angle")
+    table = _same("norms", FIX / "step_angle" / "equilibrium", f"s3://{BUCKET}/step_angle")
+    assert (table["step_angle_source"] == "exact").all()
+    assert table["step_angle"].notna().all() and (table["step_angle"] > 0).all()
+
+
+@pytest.mark.parametrize("pad", [0, 2 << 20], ids=["small-fetched-whole", "big-read-by-range"])
+def test_hostile_remote_optimizer_state_runs_nothing(s3: dict[str, Any], tmp_path: Path, pad: int) -> None:
+    """A Trainer folder in S3 whose optimizer.pt pickles ``os.system``: refused by the lazy reader's allowlist
+    without --trust-pickle (nothing runs, the marker never appears), exactly as locally — whether the file is
+    fetched whole (≤ 1 MiB) or read by ranges."""
+    import shutil
+
+    import torch
+    from hostile_corpus import _Payload
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "run" / "checkpoint-10"
+    shutil.copytree(SERIES["runs/hf_trainer_final"] / "checkpoint-10", folder)
+    torch.save({"state": {0: {"exp_avg": torch.zeros(pad // 4)}}, "param_groups": [{"lr": 0.1, "params": [0]}],
+                "x": _Payload(marker)}, folder / "optimizer.pt")
+    assert (folder / "optimizer.pt").stat().st_size > pad
+    upload(s3["env"], tmp_path / "run", f"evil/payload-{pad}")
+    for cmd in ("hparams", "norms"):
+        code_l, out_l, err_l = _cli(cmd, str(tmp_path / "run"), "-f", "csv")
+        code_r, out_r, err_r = _cli(cmd, f"s3://{BUCKET}/evil/payload-{pad}", "-f", "csv")
+        assert not marker.exists()
+        assert (code_r, len(out_r.splitlines())) == (code_l, len(out_l.splitlines())), err_r
+        for err in (err_l, err_r):  # the weights stay measurable; the refusal is named, with the way out
+            assert "pickle would import code to load: posix.system" in err and "--trust-pickle" in err, err
+
+
+def test_storage_settings_forwarded_to_ray_only_for_urls(s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a job joining a Ray cluster sends its workers (tests/test_ray_remote.py runs it end to end): the
+    endpoint and credentials once this process reads URLs; nothing for a run on local files."""
+    from ilr_inspect.scaleout.cluster import forwarded_env
+
+    monkeypatch.setenv("FSSPEC_S3_ANON", "false")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    monkeypatch.setattr(storage, "_FS", {})
+    assert forwarded_env() == {}
+    storage.to_path(f"s3://{BUCKET}/runs")
+    got = forwarded_env()
+    assert {k: got.get(k) for k in s3["env"]} == s3["env"]
+    assert got["FSSPEC_S3_ANON"] == "false" and "HOME_OF_SOMETHING_ELSE" not in got

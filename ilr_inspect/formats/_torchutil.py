@@ -7,6 +7,7 @@ Imports torch only where a function needs it: the helpers accept both ``torch.Te
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import pickle
 import re
@@ -127,7 +128,12 @@ def _scan_globals(path: Path, limit: int = 64 * 1024 * 1024) -> list[str]:
 
 def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
     """Load a torch.save file without executing code unless trusted; every failure becomes a typed error."""
-    head = read_head(path)
+    kind = _checked_kind(read_head(path), path, what)
+    return _torch_load(path, path, trust=trust, what=what, mmap=kind == "zip")  # mmap needs the zip layout
+
+
+def _checked_kind(head: bytes, path: Path, what: str) -> str:
+    """``zip`` or ``pickle``; an empty, text or other file is a typed error."""
     kind = classify(head)
     if kind == "empty":
         raise CorruptCheckpointError("the file is empty (0 bytes)",
@@ -138,7 +144,7 @@ def load(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
             f"not a {what}: the file is {'text' if kind == 'text' else 'neither a zip archive nor a pickle'}",
             hint="this is a Git LFS pointer: fetch the real file with `git lfs pull`" if lfs
             else "check that this is the file torch.save wrote", path=path)
-    return _torch_load(path, path, trust=trust, what=what, mmap=kind == "zip")  # mmap needs the zip layout
+    return kind
 
 
 def _torch_load(src: Path | IO[bytes], path: Path, *, trust: bool, what: str, mmap: bool = False) -> Any:
@@ -216,18 +222,76 @@ def load_lazy(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> A
 
 def load_fileobj(fh: IO[bytes], path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
     """A torch.save zip archive from a seekable file object (a remote file): directory and data.pkl read up
-    front, each tensor with one ranged read when asked for. Falls back to torch.load of the stream (reading the
-    whole file) for what the lazy reader cannot represent."""
+    front, each tensor with one exact ranged read when asked for (a file under :data:`WHOLE_BELOW` is fetched
+    whole in one request instead). Falls back to torch.load of the stream (reading the whole file) for what the
+    lazy reader cannot represent."""
+    from ..storage import is_remote
+
+    remote = False
+    if is_remote(path):
+        size = getattr(fh, "size", None)
+        if isinstance(size, int) and size <= WHOLE_BELOW:
+            fh = io.BytesIO(fh.read())
+        else:
+            remote = True
+    return _load_stream(fh, path, trust=trust, what=what, remote=remote)
+
+
+def _ranged_readers(path: Path) -> dict[str, Any]:
+    """_torchzip's readers of exact byte ranges of a remote file: one range, and several at once."""
+    from ..storage import read_range, read_ranges
+
+    return {"ranged": lambda a, b: read_range(path, a, b), "ranged_many": lambda spans: read_ranges(path, spans)}
+
+
+def _load_stream(fh: IO[bytes], path: Path, *, trust: bool, what: str, remote: bool) -> Any:
     from . import _torchzip
 
     head = fh.read(len(ZIP_MAGIC))
     fh.seek(0)
-    if head == ZIP_MAGIC:
+    if head == ZIP_MAGIC and lazy_enabled():
         try:
-            return _torchzip.load(fh, path=path, local=False, trust=trust, what=what)
+            return _torchzip.load(fh, path=path, local=False, trust=trust, what=what,
+                                  **(_ranged_readers(path) if remote else {}))
         except _torchzip.NotLazy:
             fh.seek(0)
     return _torch_load(fh, path, trust=trust, what=what)
+
+
+# A remote torch file up to this size is fetched whole in one request: cheaper than a request per tensor.
+WHOLE_BELOW = 1 << 20
+# Read-ahead of a bigger remote torch zip's file object, which reads only its zip directory (data.pkl and the
+# tensors are fetched by exact ranges).
+ZIP_BLOCK = 32 * 1024
+
+
+def load_file(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
+    """:func:`load_lazy` for a local path. For a URL (ilr_inspect.storage): a small file in one request; a bigger
+    torch zip by ranged reads — its zip directory and data.pkl, then each tensor when it is read, never the whole
+    file first (docs/scale-out.md). Same allowlist and errors as locally."""
+    from ..storage import is_remote, open_binary, read_range
+    from . import _torchzip
+
+    if not is_remote(path):
+        return load_lazy(path, trust=trust, what=what)
+    if path.is_dir():
+        read_head(path)  # the same "is a folder" error as locally
+    size = path.stat().st_size
+    if size <= WHOLE_BELOW:
+        data = read_range(path, 0, size) if size else b""
+        _checked_kind(data[:512], path, what)
+        return _load_stream(io.BytesIO(data), path, trust=trust, what=what, remote=False)
+    kind = _checked_kind(read_range(path, 0, 64), path, what)
+    if kind == "zip" and lazy_enabled():
+        fh = open_binary(path, ZIP_BLOCK)
+        try:
+            return _torchzip.load(fh, path=path, local=False, trust=trust, what=what, **_ranged_readers(path))
+        except BaseException as exc:
+            fh.close()
+            if not isinstance(exc, _torchzip.NotLazy):
+                raise
+    # torch.load reads the whole file (a legacy pickle, or what only torch represents): large read-ahead blocks
+    return _torch_load(open_binary(path, 8 << 20), path, trust=trust, what=what)
 
 
 def is_tensor(v: Any) -> bool:

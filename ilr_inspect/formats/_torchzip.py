@@ -5,7 +5,8 @@ unpickler that imports nothing: every global is looked up in an exact allowlist 
 globals ``torch.load(weights_only=True)`` allows here, see ``_torchutil.allowed_globals`` and docs/security.md).
 Tensors become :class:`LazyTensor` records (storage, dtype, offset, shape, stride); their bytes are read only
 when asked for: a zero-copy view of a memory map for a local file, one ranged read for any other seekable file
-object (a remote fsspec file). Whatever this reader cannot represent (quantized, sparse, nested or subclassed
+object (a remote fsspec file; with a ``ranged`` reader, exactly the tensor's bytes in one request, its local
+zip header included). Whatever this reader cannot represent (quantized, sparse, nested or subclassed
 tensors, torch objects outside the allowlist) raises :class:`NotLazy`, and the caller falls back to torch.load.
 """
 
@@ -25,6 +26,7 @@ import pickle
 import struct
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -32,9 +34,16 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import CorruptCheckpointError, UnsafePickleError
-from ..safety import zip_member_bytes
+from ..safety import check_zip_member, zip_member_bytes
 
 _HINT = "the file may be truncated or not written by torch.save; re-save or remove it"
+# Bytes asked for beyond a member's name when its local header is fetched with its data: torch pads the extra field
+# to align the data to 64 bytes (plus a Zip64 record in large archives).
+_HEADER_SLACK = 128
+# Storages up to this size (scalars: step counters, loss, epoch) are fetched together right after data.pkl when
+# the archive is remote.
+_SMALL_BYTES = 64
+_SMALL_MAX = 4096  # at most this many (a few per parameter of a large model); any others are read when asked for
 
 # Legacy typed-storage class names torch.save pickles for each tensor's storage → dtype (torch spelling).
 _STORAGE_DTYPES: dict[str, str] = {
@@ -68,11 +77,17 @@ class TorchZip:
     """The central directory of one torch zip archive and access to its storage members.
 
     ``fh`` must be seekable. A local file (one with a ``fileno``) is memory-mapped once and closed again: tensors
-    are views of that map. Any other file object is kept, and each storage costs one ranged read.
+    are views of that map. Any other file object is kept, and each storage costs one ranged read: through
+    ``ranged(start, end) -> bytes`` when given (exact byte ranges, no read-ahead, no lock), else by seeking ``fh``.
     """
 
-    def __init__(self, fh: IO[bytes], *, path: Path, local: bool) -> None:
+    def __init__(self, fh: IO[bytes], *, path: Path, local: bool,
+                 ranged: Callable[[int, int], bytes] | None = None,
+                 ranged_many: Callable[[list[tuple[int, int]]], list[bytes]] | None = None) -> None:
         self.path = path
+        self._ranged = None if local else ranged
+        self._ranged_many = None if local else ranged_many
+        self._small: dict[str, bytes] = {}  # prefetched small members (see prefetch_small)
         self._lock = threading.Lock()
         try:
             self._zf = zipfile.ZipFile(fh)
@@ -87,13 +102,13 @@ class TorchZip:
         self._infos = {i.filename: i for i in infos}
         if f"{self.prefix}/data.pkl" not in self._infos:
             raise NotLazy("no data.pkl")  # TorchScript / torch.export archives and others: not ours
-        order = self._infos.get(f"{self.prefix}/byteorder")
-        self.big_endian = False
-        if order is not None:
-            self.big_endian = zip_member_bytes(self._zf, order, max_bytes=64, path=path).strip() == b"big"
         self._fh: IO[bytes] | None = fh
         self._starts: dict[str, int] = {}
         self._mm: mmap.mmap | None = None
+        order = self._infos.get(f"{self.prefix}/byteorder")
+        self.big_endian = False
+        if order is not None:
+            self.big_endian = self._member(order, max_bytes=64).strip() == b"big"
         if local:
             try:
                 size = os.fstat(fh.fileno()).st_size
@@ -106,7 +121,20 @@ class TorchZip:
         return self._mm is not None
 
     def pickle_bytes(self) -> bytes:
-        return zip_member_bytes(self._zf, f"{self.prefix}/data.pkl", path=self.path)
+        return self._member(self._infos[f"{self.prefix}/data.pkl"])
+
+    def _member(self, info: zipfile.ZipInfo, max_bytes: int | None = None) -> bytes:
+        """A whole small member (data.pkl, byteorder), within the size limits of docs/security.md."""
+        limit = {} if max_bytes is None else {"max_bytes": max_bytes}
+        if self._ranged is None or info.compress_type != zipfile.ZIP_STORED:
+            return zip_member_bytes(self._zf, info, path=self.path, **limit)
+        # Remotely: one exact ranged read (header + data), not the file object's read-ahead past it.
+        check_zip_member(info, path=self.path, **limit)
+        data = self._span(info, 0, info.file_size)
+        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+            raise CorruptCheckpointError(f"archive member {info.filename!r} is damaged (size or CRC-32 differs "
+                                         "from the zip directory)", hint=_HINT, path=self.path)
+        return data
 
     def storage_member(self, key: str) -> zipfile.ZipInfo:
         info = self._infos.get(f"{self.prefix}/data/{key}")
@@ -135,18 +163,54 @@ class TorchZip:
             with self._lock:
                 raw = zip_member_bytes(self._zf, info, path=self.path)
             return np.frombuffer(raw, dtype=dtype, count=numel)[lo:hi].copy()
-        start = self._data_start(info)
         if self._mm is not None:
+            start = self._data_start(info)
             if start + nbytes > len(self._mm):
                 raise CorruptCheckpointError(f"storage {key!r} runs past the end of the file", hint=_HINT,
                                              path=self.path)
             return np.frombuffer(self._mm, dtype=dtype, count=hi - lo, offset=start + lo * dtype.itemsize)
         nbytes = (hi - lo) * dtype.itemsize
-        data = bytearray(self._read_at(start + lo * dtype.itemsize, nbytes))  # writable, as torch's arrays are
+        data = bytearray(self._span(info, lo * dtype.itemsize, hi * dtype.itemsize))  # writable, as torch's are
         if len(data) != nbytes:
             raise CorruptCheckpointError(f"storage {key!r} runs past the end of the file", hint=_HINT,
                                          path=self.path)
         return np.frombuffer(data, dtype=dtype, count=hi - lo)
+
+    def _span(self, info: zipfile.ZipInfo, lo: int, hi: int) -> bytes:
+        """Bytes ``lo:hi`` of a stored member's data. Remotely, the first read of a member fetches its local header
+        together with the data in one request (the header's length is known only once read: torch pads the extra
+        field to align the data, so a little more is asked for and the surplus dropped)."""
+        small = self._small.get(info.filename)
+        if small is not None:
+            return small[lo:hi]
+        start = self._starts.get(info.filename)
+        if start is not None or self._ranged is None or lo > _HEADER_SLACK:
+            return self._read_at(self._data_start(info) + lo, hi - lo)
+        guess = 30 + len(info.filename.encode("utf-8")) + _HEADER_SLACK
+        blob = self._read_at(info.header_offset, guess + hi)
+        rel = self._header_length(info, blob[:30])
+        self._starts[info.filename] = int(info.header_offset) + rel
+        if rel + hi <= len(blob):
+            return blob[rel + lo:rel + hi]
+        return self._read_at(int(info.header_offset) + rel + lo, hi - lo)  # a longer extra field than guessed
+
+    def prefetch_small(self, keys: list[str]) -> None:
+        """Fetch the small stored storages ``keys`` (scalars such as Adam's ``step`` counters, one per parameter)
+        concurrently, each with its local header, and keep them: one by one they would cost a round trip each."""
+        if self._ranged_many is None:
+            return
+        todo = [i for i in (self.storage_member(k) for k in dict.fromkeys(keys))
+                if i.compress_type == zipfile.ZIP_STORED and i.filename not in self._small][:_SMALL_MAX]
+        if not todo:
+            return
+        spans = [(int(i.header_offset), int(i.header_offset) + 30 + len(i.filename.encode("utf-8")) + _HEADER_SLACK
+                  + int(i.file_size)) for i in todo]
+        for info, blob in zip(todo, self._ranged_many(spans), strict=True):
+            rel = self._header_length(info, blob[:30])
+            self._starts[info.filename] = int(info.header_offset) + rel
+            data = blob[rel:rel + info.file_size]
+            if len(data) == info.file_size:  # else read again when asked for (and reported as damaged there)
+                self._small[info.filename] = data
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
         got = self._starts.get(info.filename)
@@ -156,16 +220,21 @@ class TorchZip:
 
     def _read_data_start(self, info: zipfile.ZipInfo) -> int:
         # Local header: 30 fixed bytes, then the name and an extra field (torch pads it to align the data).
-        head = self._read_at(info.header_offset, 30)
+        return int(info.header_offset) + self._header_length(info, self._read_at(info.header_offset, 30))
+
+    def _header_length(self, info: zipfile.ZipInfo, head: bytes) -> int:
+        # Local header: 30 fixed bytes, then the name and an extra field.
         if len(head) != 30 or head[:4] != b"PK\x03\x04":
             raise CorruptCheckpointError(f"archive member {info.filename!r} has a damaged local header",
                                          hint=_HINT, path=self.path)
         name_len, extra_len = struct.unpack("<HH", head[26:30])
-        return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
+        return 30 + int(name_len) + int(extra_len)
 
     def _read_at(self, offset: int, size: int) -> bytes:
         if self._mm is not None:
             return bytes(self._mm[offset:offset + size])
+        if self._ranged is not None:
+            return self._ranged(offset, offset + size) if size > 0 else b""
         with self._lock:
             if self._fh is None:
                 raise CorruptCheckpointError("the archive was closed", hint=_HINT, path=self.path)
@@ -480,6 +549,9 @@ class _Unpickler(pickle.Unpickler):
         self._archive = archive
         self._storages: dict[str, Storage] = {}
 
+    def storages(self) -> list[Storage]:
+        return list(self._storages.values())
+
     def find_class(self, module: str, name: str) -> Any:
         module, name = _py3_name(module, name)
         got = _ALLOWED.get((module, name))
@@ -566,16 +638,18 @@ def _unsafe(found: list[str]) -> list[str]:
 
 
 def load(fh: IO[bytes], *, path: Path, local: bool = False, trust: bool = False,
-         what: str = "PyTorch checkpoint") -> Any:
+         what: str = "PyTorch checkpoint", ranged: Callable[[int, int], bytes] | None = None,
+         ranged_many: Callable[[list[tuple[int, int]]], list[bytes]] | None = None) -> Any:
     """The object ``torch.save`` wrote, with :class:`LazyTensor` for every tensor.
 
     Raises UnsafePickleError (a global outside the allowlist; with ``trust`` NotLazy instead, so the caller uses
     torch.load), NotLazy (something only torch.load represents) or CorruptCheckpointError.
     """
-    archive = TorchZip(fh, path=path, local=local)
+    archive = TorchZip(fh, path=path, local=local, ranged=ranged, ranged_many=ranged_many)
     data = archive.pickle_bytes()
+    unpickler = _Unpickler(data, archive)
     try:
-        obj = _Unpickler(data, archive).load()
+        obj = unpickler.load()
     except _Refused as exc:
         found = globals_in(data)
         if any(g.startswith(_TORCH_ONLY_PREFIX + ".") and tuple(g.rsplit(".", 1)) not in _ALLOWED for g in found):
@@ -591,6 +665,8 @@ def load(fh: IO[bytes], *, path: Path, local: bool = False, trust: bool = False,
         raise CorruptCheckpointError(f"cannot unpickle the {what} ({type(exc).__name__}: {str(exc)[:120]})",
                                      hint=_HINT, path=path) from exc
     archive.release_file()
+    archive.prefetch_small([st.key for st in unpickler.storages()
+                            if st.numel * _NP_DTYPES[st.dtype].itemsize <= _SMALL_BYTES])
     return obj
 
 

@@ -18,7 +18,7 @@ from . import OpenOptions
 
 NAME = "hf"
 EXTRA = None
-REMOTE = True  # safetensors weights of a URL are read with ranged requests; pickled companions are staged
+REMOTE = True  # a URL's weights and optimizer/scheduler state are read with ranged requests (_torchzip)
 
 SAFE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -95,7 +95,7 @@ def _open_weights(path: Path, options: OpenOptions) -> tuple[TensorSource, bool,
                          hint="pass a folder written by save_pretrained or a Trainer checkpoint-N folder", path=path)
     sd: dict[str, Any] = {}
     for f in files:
-        obj = tu.load(f, trust=options.trust_pickle)
+        obj = tu.load_file(f, trust=options.trust_pickle)  # torch-free for zip archives; ranged reads for a URL
         if not tu.is_tensor_dict(obj):
             raise InputError("is not a state dict", hint="re-save it with save_pretrained", path=f)
         sd.update(tu.tensors_only(obj))
@@ -129,18 +129,21 @@ def _trainer_state(path: Path, meta: dict[str, Any]) -> int | None:
 
 
 def _hparams(path: Path, options: OpenOptions, src: TensorSource, ordered: bool,
-             meta: dict[str, Any]) -> dict[str, HParams]:
+             meta: dict[str, Any]) -> tuple[dict[str, HParams], Any]:
+    """The hyperparameters from ``optimizer.pt`` (and the loaded state dict, for the step-angle loader)."""
     from . import _torchutil as tu
     from .torch_pickle import step_from_optimizer_state
 
     opt = optimizer_file(path)
     if not opt.is_file():
-        return {}
+        return {}, None
     try:
-        osd = tu.load(opt, trust=options.trust_pickle, what="optimizer state")
+        # Lazy: the param groups and tensor records from the zip directory + data.pkl; a remote file is not
+        # downloaded (each tensor is one ranged read, and only the "step" counters are read here).
+        osd = tu.load_file(opt, trust=options.trust_pickle, what="optimizer state")
     except IlrError as exc:  # weights stay readable; say why the hyperparameters are missing
         meta["hparams_error"] = f"{exc.render()}" + (f" (hint: {exc.hint})" if exc.hint else "")
-        return {}
+        return {}, None
     got, err = tu.map_optimizer(osd, src.infos(), label=opt.name, path=opt, names_ordered=ordered)
     if err:
         meta["hparams_error"] = err
@@ -150,14 +153,14 @@ def _hparams(path: Path, options: OpenOptions, src: TensorSource, ordered: bool,
     sched = scheduler_file(path)
     if sched.is_file():
         try:
-            s = tu.load(sched, trust=False, what="scheduler state")
+            s = tu.load_file(sched, trust=False, what="scheduler state")
             if isinstance(s, Mapping) and "_last_lr" in s:
                 meta["scheduler_last_lr"] = [float(x) for x in s["_last_lr"]]
             if isinstance(s, Mapping) and isinstance(s.get("last_epoch"), int):
                 meta["scheduler_last_epoch"] = int(s["last_epoch"])  # scheduler.step() calls
         except IlrError as exc:
             meta["scheduler_error"] = exc.render()
-    return got
+    return got, osd
 
 
 def optimizer_file(path: Path) -> Path:
@@ -179,7 +182,7 @@ def _training_args(path: Path, options: OpenOptions, meta: dict[str, Any]) -> No
     from . import _torchutil as tu
 
     try:
-        args = tu.load(p, trust=True, what="training_args.bin")
+        args = tu.load_file(p, trust=True, what="training_args.bin")
     except IlrError as exc:
         meta["training_args"] = f"unreadable: {exc.message}"
         return
@@ -192,34 +195,12 @@ def _training_args(path: Path, options: OpenOptions, meta: dict[str, Any]) -> No
             meta["training_args"][k] = str(getattr(meta["training_args"][k], "value", meta["training_args"][k]))
 
 
-def _safetensors_weights(path: Path) -> bool:
-    return any((path / n).is_file() for n in (SAFE_INDEX, SAFE, ADAPTER[0])) or bool(_shards(path, "model",
-                                                                                               "safetensors"))
-
-
 def open(path: Path, options: OpenOptions) -> Checkpoint:
     if not path.is_dir():
         raise InputError("is not a folder", hint="pass a Hugging Face model folder or checkpoint-N folder", path=path)
-    from ..storage import is_remote, stage, stage_files
+    from ..storage import is_remote
 
-    if is_remote(path) and not _safetensors_weights(path):  # pickled weights: read from a temporary copy
-        note: list[str] = []
-        ckpt = open(stage(path, note), options)
-        ckpt.metadata.setdefault("warnings", []).extend(note)
-        ckpt.path = path
-        return ckpt
     src, ordered, meta = _open_weights(path, options)
-    # Remote: the pickled companions (optimizer/scheduler state, training_args.bin) are staged into a temporary
-    # folder and read there; the weights themselves stay remote.
-    companions = path
-    if is_remote(path):
-        names = ["optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin"]
-        names += ["training_args.bin"] if options.trust_pickle else []
-        found = [path / n for n in names if (path / n).is_file()]
-        if found:
-            note = []
-            companions = stage_files(found, note)
-            meta.setdefault("warnings", []).extend(note)
     if (path / "config.json").is_file():
         cfg = _read_json(path / "config.json")
         if isinstance(cfg, Mapping):
@@ -234,30 +215,33 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
         step = step_from_metadata(st_meta)
     if "epoch" not in meta and epoch_from_metadata(st_meta) is not None:
         meta["epoch"] = epoch_from_metadata(st_meta)
-    hparams = _hparams(companions, options, src, ordered, meta)
+    hparams, osd = _hparams(path, options, src, ordered, meta)
     if step is None and meta.get("optimizer_updates") is not None:
         # Accelerate save_state keeps no step: Adam-family optimizers count their updates.
         step = int(meta["optimizer_updates"])
-        meta["step_from"] = f"{optimizer_file(companions).name} (number of optimizer updates)"
+        meta["step_from"] = f"{optimizer_file(path).name} (number of optimizer updates)"
     elif step is None and meta.get("scheduler_last_epoch") is not None and meta["scheduler_last_epoch"] > 0:
         step = int(meta["scheduler_last_epoch"])
-        meta["step_from"] = f"{scheduler_file(companions).name} last_epoch (scheduler steps)"
+        meta["step_from"] = f"{scheduler_file(path).name} last_epoch (scheduler steps)"
         meta.setdefault("warnings", []).append(
-            f"step {step} read from {scheduler_file(companions).name} (the number of scheduler.step() calls): "
+            f"step {step} read from {scheduler_file(path).name} (the number of scheduler.step() calls): "
             "right when the scheduler steps once per optimizer update, as Accelerate's prepared schedulers do")
     from_meta = metadata_hparams(st_meta, src.infos())
     if from_meta:  # the optimizer state wins field by field; the metadata fills what it lacks
         hparams = {n: hparams[n].merged(hp) if n in hparams else hp for n, hp in from_meta.items()}
-    _training_args(companions, options, meta)
+    _training_args(path, options, meta)
     return Checkpoint(path=path, format=NAME, source=src, step=step,
                       step_source="contents" if step is not None else "order",
                       hparams=hparams, hparams_source=next(iter(hparams.values())).source if hparams else None,
                       metadata=meta,
-                      optimizer_state=_optimizer_loader(companions, options, src, ordered))
+                      optimizer_state=_optimizer_loader(path, options, src, ordered,
+                                                        osd if is_remote(path) else None))
 
 
-def _optimizer_loader(path: Path, options: OpenOptions, src: TensorSource, ordered: bool) -> Any:
+def _optimizer_loader(path: Path, options: OpenOptions, src: TensorSource, ordered: bool, loaded: Any) -> Any:
     from ..measure.step_angle import torch_file_loader
 
+    # A remote optimizer state already opened for the hyperparameters is reused (its zip directory and data.pkl
+    # are not fetched again); a local one is reopened (memory-mapped) when the loader is called.
     return torch_file_loader(optimizer_file(path), src.infos(), scheduler_file=scheduler_file(path),
-                             names_ordered=ordered, trust=options.trust_pickle)
+                             names_ordered=ordered, trust=options.trust_pickle, loaded=loaded)

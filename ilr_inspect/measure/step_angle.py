@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..checkpoint import Checkpoint, HParams, TensorInfo
+from ..errors import IlrError
 from ..invariance.unit import Unit
 from . import theory
 
@@ -43,7 +44,7 @@ class ParamState:
     """
 
     rule: str
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     lr: float | None = None
     lr_timing: Literal["next", "used"] = "next"
     weight_decay: float = 0.0
@@ -108,6 +109,24 @@ def _scalar(x: Any, default: float | None = None) -> float | None:
         return default
 
 
+class _LazyArrays(Mapping[str, np.ndarray]):
+    """Optimizer buffers turned into NumPy only when read: a lazily loaded state (memory-mapped, or ranged reads
+    of a URL) then reads a buffer's bytes only for the parameters whose last update is reconstructed, one at a
+    time, instead of the whole optimizer state up front."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self._raw = dict(raw)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _np(self._raw[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 def torch_state(opt_sd: Mapping[str, Any], param_names: list[str], shapes: Mapping[str, tuple[int, ...]], *,
                 scheduler: Mapping[str, Any] | None = None, names_ordered: bool = True,
                 path: Path | None = None) -> SavedOptimizerState:
@@ -149,7 +168,7 @@ def torch_state(opt_sd: Mapping[str, Any], param_names: list[str], shapes: Mappi
                     base.why = "no momentum buffer saved (no step taken yet)"
                 else:
                     base = replace(base, rule="sgd-nesterov" if g.get("nesterov") else "sgd",
-                                   arrays={"buf": _np(buf)}, momentum=mom)
+                                   arrays=_LazyArrays({"buf": buf}), momentum=mom)
             elif family in ("Adam", "AdamW", "Adam or AdamW (cannot tell)"):
                 m, v = st.get("exp_avg"), st.get("exp_avg_sq")
                 ams = bool(g.get("amsgrad"))
@@ -160,7 +179,7 @@ def torch_state(opt_sd: Mapping[str, Any], param_names: list[str], shapes: Mappi
                 else:
                     b1, b2 = (float(_scalar(betas[0]) or 0.9), float(_scalar(betas[1]) or 0.999)) \
                         if isinstance(betas, (list, tuple)) else (0.9, 0.999)
-                    base = replace(base, rule="adam", arrays={"m": _np(m), "v": _np(v)}, beta1=b1, beta2=b2,
+                    base = replace(base, rule="adam", arrays=_LazyArrays({"m": m, "v": v}), beta1=b1, beta2=b2,
                                    eps=_scalar(g.get("eps"), 1e-8) or 0.0, amsgrad=ams,
                                    step=_scalar(st.get("step")), decoupled=wd_mode != "coupled")
                     if wd_mode is None and wd:
@@ -171,7 +190,7 @@ def torch_state(opt_sd: Mapping[str, Any], param_names: list[str], shapes: Mappi
                     base.why = "no Lion momentum saved"
                 else:
                     b1 = float(_scalar(betas[0]) or 0.9) if isinstance(betas, (list, tuple)) else 0.9
-                    base = replace(base, rule="lion", arrays={"m": _np(m)}, beta1=b1, decoupled=True)
+                    base = replace(base, rule="lion", arrays=_LazyArrays({"m": m}), beta1=b1, decoupled=True)
             else:
                 base.why = (f"{family}: the last update needs the gradient of that step, which the state does not "
                             "hold")
@@ -247,9 +266,12 @@ def torch_lightning_loader(obj: Any, infos: Sequence[TensorInfo], *,
 
 
 def torch_file_loader(optimizer_file: Path, infos: Sequence[TensorInfo], *, scheduler_file: Path | None = None,
-                      names_ordered: bool = True, trust: bool = False) -> OptimizerStateLoader | None:
+                      names_ordered: bool = True, trust: bool = False,
+                      loaded: Any = None) -> OptimizerStateLoader | None:
     """The loader for an optimizer saved in its own file (HF ``optimizer.pt``, Accelerate ``optimizer.bin``):
-    the file is opened (memory-mapped, weights only unless trusted) only when the loader is called."""
+    the file is opened only when the loader is called, by the torch-free lazy reader (memory-mapped locally,
+    ranged reads for a URL; nothing imported or run unless trusted), or ``loaded`` is the state dict already
+    opened that way. A tensor's bytes are read only when its parameter's last update is reconstructed."""
     if not optimizer_file.is_file():
         return None
     params = [i.name for i in infos if i.kind == "parameter"]
@@ -258,10 +280,10 @@ def torch_file_loader(optimizer_file: Path, infos: Sequence[TensorInfo], *, sche
     def load() -> SavedOptimizerState:
         from ..formats import _torchutil as tu
 
-        osd = tu.load(optimizer_file, trust=trust, what="optimizer state")
+        osd = loaded if loaded is not None else tu.load_file(optimizer_file, trust=trust, what="optimizer state")
         sched = None
         if scheduler_file is not None and scheduler_file.is_file():
-            s = tu.load(scheduler_file, trust=False, what="scheduler state")
+            s = tu.load_file(scheduler_file, trust=False, what="scheduler state")
             sched = s if isinstance(s, Mapping) else None
         if not isinstance(osd, Mapping):
             return SavedOptimizerState("torch", {}, None, f"{optimizer_file.name} is not an optimizer state dict")
@@ -597,7 +619,11 @@ class Reconstructor:
                 notes.append(how)
             worst = src if _RANK[src] > _RANK[worst] else worst
             w = np.asarray(ck.read(m), dtype=np.float64)
-            upd, shrink = last_update(ps, lr)
+            try:  # the buffers are read here (lazily loaded state): a damaged or unreachable one spoils this unit
+                upd, shrink = last_update(ps, lr)
+            except (IlrError, OSError) as exc:
+                return StepAngle(math.nan, "unavailable", None,
+                                 f"optimizer state of {m} not read: {str(exc).splitlines()[0][:200]}")
             if upd.shape != w.shape:
                 return StepAngle(math.nan, "unavailable", None,
                                  f"optimizer state of {m} has shape {upd.shape}, the weight {w.shape}")

@@ -4,10 +4,15 @@
 ``auto`` joins the cluster started on this machine with ``ray start --head``; ``host:port`` joins a head's GCS
 and ``ray://host:port`` goes through the Ray client. An already-initialised ray (a library user's own
 ``ray.init``) is reused and left running: only what this module started is shut down.
+
+Workers open URLs themselves (docs/scale-out.md), so the storage settings of this process (endpoint, region,
+credentials, ``ILR_INSPECT_STORAGE_OPTIONS``) travel with a job that joins a cluster, as its runtime_env
+``env_vars``; the workers of a ``local`` cluster inherit this process's environment anyway.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -19,6 +24,44 @@ from ..errors import InputError, MissingExtraError
 
 ADDRESS_ENV = "ILR_INSPECT_RAY_ADDRESS"
 _CONNECT_TIMEOUT_S = 5.0
+
+# The environment a worker needs to read the same URLs as this process (ilr_inspect.storage and the fsspec
+# backends read these): sent to the workers of a joined cluster. Paths to local credential files are not sent
+# (a node has its own files); the nodes' own credentials apply to what is not set here.
+FORWARD_ENV = (
+    "ILR_INSPECT_STORAGE_OPTIONS", "ILR_INSPECT_TORCHZIP",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+    "HF_TOKEN", "HF_ENDPOINT", "GOOGLE_CLOUD_PROJECT",
+)
+FORWARD_PREFIX = "FSSPEC_"  # fsspec's own FSSPEC_<PROTOCOL>_<OPTION> settings
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage settings of this process that a joined cluster's workers get (see FORWARD_ENV): only when this
+    process reads URLs (the driver opens the series before the tasks are sent), so a run on local files sends
+    no credentials."""
+    storage = sys.modules.get("ilr_inspect.storage")
+    if storage is None or not storage.used():
+        return {}
+    return {k: v for k, v in os.environ.items() if k in FORWARD_ENV or k.startswith(FORWARD_PREFIX)}
+
+
+class _DropNotices(logging.Filter):
+    """Ray's start-up notices that reach stderr through Python's last-resort handler (``configure_logging=False``
+    leaves Ray's loggers without handlers): the token-auth notice Ray 2.5x logs at WARNING on every
+    ``ray.init`` that starts or joins a cluster with the default mode. Any other record passes."""
+
+    NOTICES = ("Token authentication is enabled for this Ray cluster",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+def _quiet_start_up() -> None:
+    lg = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropNotices) for f in lg.filters):
+        lg.addFilter(_DropNotices())
 
 
 def resolve_address(flag: str | None) -> str | None:
@@ -73,6 +116,7 @@ def session(address: str, *, num_cpus: int | None = None, num_gpus: int | None =
         yield ray
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    _quiet_start_up()
     if address == "local":
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
@@ -90,6 +134,9 @@ def session(address: str, *, num_cpus: int | None = None, num_gpus: int | None =
             raise _unreachable(address, "expected local, auto, host:port or ray://host:port")
         if address.startswith("ray://"):
             kwargs.pop("include_dashboard")
+        env = forwarded_env()
+        if env:  # the workers of a running cluster do not see this process's environment
+            kwargs["runtime_env"] = {"env_vars": env}
         _token_auth()
         try:
             ray.init(address=address, **kwargs)
