@@ -17,6 +17,7 @@ Run:  python benchmarks/bench_process.py                      # the 2.7 GB table
       python benchmarks/bench_process.py --mib 32             # quick, 10 × 32 MiB
       python benchmarks/bench_process.py --big                # also 20 × 1 GiB (needs ~40 GB free under /tmp)
       python benchmarks/bench_process.py --fixed-only --repeat 5  # only the tiny-series fixed cost
+      python benchmarks/bench_process.py --fixed-only --python VENV/bin/python  # ... of a non-editable install
 """
 
 from __future__ import annotations
@@ -145,10 +146,10 @@ def _status(pid: int) -> tuple[int, int]:
 Timing = tuple[float, float, int, int]  # wall s, CPU s (user + sys), peak RssAnon, peak RssFile
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> Timing:
+def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Timing:
     """Wall and CPU time of one whole process, and its peak RssAnon and RssFile (polled)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
     anon = file = 0
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -196,15 +197,24 @@ def table(count: int, mib: int, repeat: int, work: Path) -> None:
         shutil.rmtree(folder)
 
 
-def fixed_cost(repeat: int, work: Path) -> None:
+def fixed_cost(repeat: int, work: Path, python: str = PY) -> None:
     folder = work / "tiny"
     write_series(folder, 2, 1, "safetensors")
+    cli = [python, "-m", "ilr_inspect"]
     cmds = {
-        "norms -f csv": [*CLI, "norms", str(folder), "-f", "csv", "-o", str(work / "tiny.csv"), "-q"],
-        "norms (table)": [*CLI, "norms", str(folder), "-q"],
-        "angles -f json": [*CLI, "angles", str(folder), "-f", "json", "-q"],
-        "ls": [*CLI, "ls", str(folder)],
-        "hparams": [*CLI, "hparams", str(folder), "-q"],
+        "norms -f csv": [*cli, "norms", str(folder), "-f", "csv", "-o", str(work / "tiny.csv"), "-q"],
+        "norms (table)": [*cli, "norms", str(folder), "-q"],
+        "angles -f json": [*cli, "angles", str(folder), "-f", "json", "-q"],
+        "ls": [*cli, "ls", str(folder)],
+        "hparams": [*cli, "hparams", str(folder), "-q"],
+    }
+    # The floor under any of them: the interpreter's start-up (site, .pth files: an editable install adds its
+    # finder), NumPy (every measurement needs it) and Typer (the CLI), each as a bare process.
+    floor = {
+        "python -c pass": [python, "-c", "pass"],
+        "import numpy": [python, "-c", "import numpy"],
+        "import typer": [python, "-c", "import typer.main"],
+        "import numpy, typer": [python, "-c", "import numpy, typer.main"],
     }
     # Bytecode is cached as an installed package's would be (PYTHONDONTWRITEBYTECODE would recompile every
     # module of the tool in every run), in a folder of its own; one warm-up run fills it.
@@ -213,18 +223,22 @@ def fixed_cost(repeat: int, work: Path) -> None:
     # Interleaved with --help in the same loop, so a busy machine slows both alike; minimum over the loop.
     times: dict[str, Timing] = {}
     for i in range(repeat + 1):
-        for name, cmd in {"--help": [*CLI, "--help"], **cmds}.items():
-            t = run(cmd, env)
+        for name, cmd in {"--help": [*cli, "--help"], **cmds, **floor}.items():
+            t = run(cmd, env, cwd=work)  # not the checkout: `python -m` would import the source tree from there
             if i == 0:
                 continue
             times[name] = t if name not in times or t[0] < times[name][0] else times[name]
     help_ = times["--help"]
-    print(f"\n## fixed cost: tiny 2-file safetensors series, min of {repeat} (interleaved with --help)")
+    print(f"\n## fixed cost: tiny 2-file safetensors series, min of {repeat} (interleaved with --help), {python}")
     print(f"ilr-inspect --help          {help_[0]:.2f} s (CPU {help_[1]:.2f} s)  anon {help_[2] / 2**20:.0f} MiB")
     for name in cmds:
         t = times[name]
         print(f"ilr-inspect {name:15s} {t[0]:.2f} s (CPU {t[1]:.2f} s)  anon {t[2] / 2**20:.0f} MiB  "
               f"ratio {t[0] / help_[0]:.2f}× --help (CPU {t[1] / help_[1]:.2f}×)")
+    print("floor (bare processes):")
+    for name in floor:
+        t = times[name]
+        print(f"  {name:25s} {t[0]:.3f} s (CPU {t[1]:.3f} s)  {t[0] / help_[0]:.2f}× --help")
     shutil.rmtree(folder)
 
 
@@ -236,10 +250,12 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also 20 × 1 GiB")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--fixed-only", action="store_true", help="only the fixed cost on a tiny series")
+    ap.add_argument("--python", default=PY, help="interpreter for the fixed cost (e.g. one of a venv with a "
+                    "regular, non-editable install of ilr-inspect)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ilr-bench-process-", dir="/tmp"))
     try:
-        fixed_cost(args.repeat, work)
+        fixed_cost(args.repeat, work, args.python)
         if args.fixed_only:
             return
         table(args.count, args.mib, args.repeat, work)

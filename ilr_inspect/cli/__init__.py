@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 from .app import app
 
-# Each module registers its commands on ``app`` when imported; none imports torch at module level.
-_COMMAND_MODULES = ("inventory_cmds", "measure_cmds", "distance_cmd", "equilibrium_cmd", "report_cmd")
-for _name in _COMMAND_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a command group still being written during development
-        if _exc.name != f"{__name__}.{_name}":
-            raise
+# ``app`` imports its command modules (app.COMMAND_MODULES) when its commands are first needed.
 
 
 def main() -> None:
@@ -24,6 +16,7 @@ def main() -> None:
     and fsynced before this point; ILR_INSPECT_SLOW_EXIT=1 keeps the normal exit (e.g. for profilers)."""
     # This process is ours: the compiled kernel may skip numba's scipy/BLAS probe (measure/_kernel.py).
     os.environ.setdefault("ILR_INSPECT_LEAN_NUMBA", "1")
+    app.load_only(sys.argv[1:])  # only the command on the command line is imported and built
     try:
         app(prog_name="ilr-inspect")
         code = 0

@@ -9,22 +9,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast, get_type_hints
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from .app import app
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from ..checkpoint import HParams
     from ..formats import OpenOptions
     from ..output import OutputFormat, Result
     from ..series import Series
 
 
-stderr = Console(stderr=True, soft_wrap=True)
+class _StderrConsole:
+    """The rich Console for narration on stderr, made on first use: a quiet run that writes CSV or JSON never
+    imports rich (~25 ms of every command's start-up, issue 14)."""
+
+    _console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, soft_wrap=True)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+_stderr = _StderrConsole()
+stderr = cast("Console", _stderr)  # typed as the Console it forwards to
 
 PathsArg = Annotated[
     list[str],
@@ -111,20 +131,21 @@ class SeriesOptions:
     def open(self, paths: list[str] | list[Path], *, hp: HParamOptions | None = None,
              read_logs: bool = True) -> Series:
         """Open a series with a progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         from ..formats import OpenOptions
         from ..series import expand_paths, open_series
 
         options = OpenOptions(trust_pickle=self.trust_pickle, key=self.key, ema=self.ema)
+        kwargs: dict[str, Any] = {"step_regex": self.step_regex, "on_mismatch": choice(self.on_mismatch),
+                                  "overrides": hp.overrides() if hp is not None else None, "read_logs": read_logs}
+        if self.quiet or not stderr.is_terminal:  # no bar: neither rich.progress nor a second listing of the paths
+            return open_series(list(paths), options, **kwargs)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         total = len(expand_paths(list(paths)))
         with Progress(TextColumn("reading headers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=stderr, transient=True, disable=self.quiet or not stderr.is_terminal) as bar:
+                      console=_stderr.console, transient=True) as bar:
             task = bar.add_task("headers", total=total)
-            return open_series(list(paths), options, step_regex=self.step_regex,
-                               on_mismatch=choice(self.on_mismatch),  # type: ignore[arg-type]
-                               overrides=hp.overrides() if hp is not None else None, read_logs=read_logs,
-                               progress=lambda _p: bar.advance(task))
+            return open_series(list(paths), options, progress=lambda _p: bar.advance(task), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,15 @@ class OutputOptions:
         emit(result, choice(self.fmt), self.output, table_columns=columns, quiet=quiet)
 
 
+@functools.cache
+def _bundle_parameters(cls: type) -> tuple[inspect.Parameter, ...]:
+    """A bundle's fields as keyword-only parameters; evaluated once per bundle class, not once per command that
+    uses it (resolving the string annotations is most of the cost of registering a command)."""
+    field_hints = get_type_hints(cls, include_extras=True)
+    return tuple(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                   annotation=field_hints[f.name]) for f in fields(cls))
+
+
 def command(name: str, *, doc: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """``app.command(name)`` that expands each option bundle parameter into its options, declared once.
 
@@ -148,6 +178,8 @@ def command(name: str, *, doc: str | None = None) -> Callable[[Callable[..., Non
     """
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
+        if not app.wants(name):  # this process runs another command (ilr_inspect.cli.main)
+            return fn
         hints = get_type_hints(fn, include_extras=True)
         own: list[inspect.Parameter] = []
         bundles: dict[str, type] = {}
@@ -160,10 +192,8 @@ def command(name: str, *, doc: str | None = None) -> Callable[[Callable[..., Non
         expanded: dict[str, list[str]] = {}
         extra: list[inspect.Parameter] = []
         for arg, cls in bundles.items():
-            field_hints = get_type_hints(cls, include_extras=True)
             expanded[arg] = [f.name for f in fields(cls)]
-            extra += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                        annotation=field_hints[f.name]) for f in fields(cls)]
+            extra += _bundle_parameters(cls)  # Parameters are immutable: shared between commands
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
@@ -225,6 +255,8 @@ def _short_paths(values: list[Any]) -> list[Any]:
 
 
 def render_table(result: Result, columns: list[str] | None = None, title: str | None = None) -> Table:
+    from rich.table import Table
+
     everything = dict(result.column_values())  # from the rows, without pandas where possible
     cols = [c for c in (columns or list(everything)) if c in everything]
     table = Table(title=title, show_lines=False, header_style="bold")
@@ -246,6 +278,8 @@ def emit(result: Result, fmt: str | Format, output: Path | None, *, table_column
 
     f = check_format(fmt)
     if f == "table":
+        from rich.console import Console
+
         if output is not None:
             # A table written to a file is the plain-text rendering, width fixed so it does not depend on the TTY.
             console = Console(file=None, record=True, width=200, force_terminal=False)
