@@ -66,6 +66,17 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
+def evict(folder: Path) -> None:
+    """Drop the series' pages from the page cache (POSIX_FADV_DONTNEED on clean pages needs no privilege), so the
+    next run reads from disk — the case of a series larger than memory."""
+    for p in sorted(folder.iterdir()):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gib", type=float, default=2.0, help="series size")
@@ -73,8 +84,11 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray cluster (use this machine's)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the minimum time is reported")
     ap.add_argument("--cmd", default="norms", choices=["norms", "angles"])
+    ap.add_argument("--cold", action="store_true", help="evict the series from the page cache before every run")
     args = ap.parse_args()
-    env = {k: v for k, v in os.environ.items() if k not in ("ILR_INSPECT_RAY_ADDRESS", "RAY_ADDRESS")}
+    # Bytecode cached as in an installed package (PYTHONDONTWRITEBYTECODE would recompile every module per run).
+    drop = ("ILR_INSPECT_RAY_ADDRESS", "RAY_ADDRESS", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         folder = Path(tmp) / "ckpts"
         folder.mkdir()
@@ -89,10 +103,16 @@ def main() -> None:
         with open_series(folder) as series:
             cks = series.checkpoints
             print("granularity:", plan(cks, list(cks[0].tensors), args.cpus).describe())
+        os.sync()  # written pages must be clean before they can be evicted
         for p in sorted(folder.iterdir()):  # warm the page cache
             with open(p, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
+
+        def run(cmd: list[str], run_env: dict[str, str]) -> tuple[float, float]:
+            if args.cold:
+                evict(folder)
+            return timed(cmd, run_env)
 
         base = [sys.executable, "-m", "ilr_inspect", args.cmd, str(folder), "-f", "json", "-q"]
         head = subprocess.Popen([sys.executable, "-c", _HEAD, str(args.cpus)], stdin=subprocess.PIPE,
@@ -103,16 +123,16 @@ def main() -> None:
             auto_env = {**env, "RAY_ADDRESS": address}  # `auto` joins this head, not another cluster here
             times: dict[str, list[tuple[float, float]]] = {"local": [], "ray local": [], "ray auto": []}
             for _ in range(args.repeats):
-                times["local"].append(timed(base, env))
-                times["ray local"].append(timed([*base, "--ray", "local"], env))
-                times["ray auto"].append(timed([*base, "--ray", "auto"], auto_env))
+                times["local"].append(run(base, env))
+                times["ray local"].append(run([*base, "--ray", "local"], env))
+                times["ray auto"].append(run([*base, "--ray", "auto"], auto_env))
         finally:
             head.stdin.close()
             head.wait(timeout=120)
             head.stdout.close()
     best = {k: min(w for w, _ in v) for k, v in times.items()}
     gb = nbytes / 1e9
-    print(f"command: {args.cmd}")
+    print(f"command: {args.cmd}, page cache {'cold (evicted before every run)' if args.cold else 'warm'}")
     for k, t in best.items():
         cpu = min(c for _, c in times[k])
         print(f"{k:>10}: {t:7.2f} s  ({gb / t:.2f} GB/s)  CPU {cpu:.2f} s{' (driver only)' if k != 'local' else ''}"
