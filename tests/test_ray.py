@@ -11,6 +11,7 @@ compared as sorted lists), and the provenance ``command`` line names ``--ray``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,11 +47,12 @@ ray.shutdown()
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[str, int]]:
-    """(address, pid of the process that owns the cluster): every Ray process of it descends from that pid."""
+@contextlib.contextmanager
+def ray_head(env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """A 2-CPU Ray cluster owned by a helper process (with ``env``): (address, pid of that process); every Ray
+    process of it descends from that pid, and closing the helper's stdin shuts the cluster down."""
     proc = subprocess.Popen([sys.executable, "-c", _HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None and proc.stdin is not None
     address = proc.stdout.readline().strip()
     assert address, "the Ray head did not start"
@@ -64,6 +66,13 @@ def cluster() -> Iterator[tuple[str, int]]:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[str, int]]:
+    """(address, pid of the process that owns the cluster)."""
+    with ray_head() as head:
+        yield head
 
 
 def _env(kernel: str, task_bytes: int = 1) -> dict[str, str]:

@@ -26,7 +26,7 @@ pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from test_ray import _same
+from test_ray import _same, ray_head
 from test_remote import BUCKET, moto_server, upload
 
 from ilr_inspect.cli import app
@@ -37,15 +37,6 @@ pytestmark = pytest.mark.slow  # each run starts or joins a Ray cluster (10-20 s
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "fixtures" / "digits" / "ckpts"  # torch.save .pt files: fetched whole (small), lazy zip reader
 SHARDED = ROOT / "fixtures" / "torch_other" / "hf_sharded"  # safetensors shards + index: ranged reads
-
-_HEAD = r"""
-import sys
-import ray
-ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()
-ray.shutdown()
-"""
 
 
 def _no_storage_env() -> dict[str, str]:
@@ -64,21 +55,8 @@ def s3() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def bare_cluster(s3: dict[str, str]) -> Iterator[str]:
     """A 2-CPU Ray cluster whose processes have no storage settings (no endpoint, no credentials)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=_no_storage_env())
-    assert proc.stdout is not None and proc.stdin is not None
-    address = proc.stdout.readline().strip()
-    assert address, "the Ray head did not start"
-    try:
+    with ray_head(_no_storage_env()) as (address, _pid):
         yield address
-    finally:
-        proc.stdin.close()  # the helper shuts its cluster down and exits
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 def _env(s3: dict[str, str]) -> dict[str, str]:

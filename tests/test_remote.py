@@ -40,6 +40,7 @@ SERIES = {  # S3 prefix -> fixture folder (written by the frameworks' own save p
     "runs/flax": FIX / "flax",  # Flax msgpack (no ranged reader: staged) + hparams.yaml + TensorBoard runs/
     "runs/hf_bin": FIX / "reference" / "hf_bin",  # save_pretrained(safe_serialization=False): pytorch_model.bin
     "runs/accelerate": FIX / "layouts" / "accelerate",  # save_state(): optimizer.bin / scheduler.bin beside weights
+    "runs/lightning": FIX / "lightning",  # ModelCheckpoint's lightning_logs/version_0/checkpoints/epoch=…-step=….ckpt
 }
 
 
@@ -169,6 +170,7 @@ def test_ls_and_hparams_match_local(s3: dict[str, Any], prefix: str) -> None:
     ("runs/flax", ("norms",)),
     ("runs/hf_bin", ("norms",)),  # pickled weights, read lazily by ranged reads (no temporary copy)
     ("runs/accelerate", ("norms",)),  # the step angle from optimizer.bin, read lazily
+    ("runs/lightning", ("norms", "angles")),  # .ckpt zips: weights, optimizer state and hparams by ranged reads
 ])
 def test_measurements_match_local(s3: dict[str, Any], prefix: str, commands: tuple[str, ...]) -> None:
     for cmd in commands:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..checkpoint import Checkpoint, HParams
 from ..errors import InputError
@@ -24,20 +24,10 @@ def sniff(path: Path) -> bool:
 
 
 def open(path: Path, options: OpenOptions) -> Checkpoint:
-    from ..storage import is_remote, open_binary
     from . import _torchutil as tu
 
-    if is_remote(path):
-        return open_fileobj(open_binary(path), path, options)
-    obj = tu.load_lazy(path, trust=options.trust_pickle, what="Lightning checkpoint")  # torch-free for zips
-    return checkpoint_from_object(obj, path, options)
-
-
-def open_fileobj(fh: IO[bytes], path: Path, options: OpenOptions) -> Checkpoint:
-    """``open`` over a seekable file object (a remote file): ranged reads, no download of the weights."""
-    from . import _torchutil as tu
-
-    obj = tu.load_fileobj(fh, path, trust=options.trust_pickle, what="Lightning checkpoint")
+    # Torch-free for zip archives (see _torchzip); a URL by exact ranged reads (directory, data.pkl, each tensor).
+    obj = tu.load_file(path, trust=options.trust_pickle, what="Lightning checkpoint")
     return checkpoint_from_object(obj, path, options)
 
 

@@ -28,12 +28,10 @@ def sniff(path: Path) -> bool:
 
 
 def open(path: Path, options: OpenOptions) -> Checkpoint:
-    from ..storage import is_remote, open_binary
     from . import _torchutil as tu
 
-    if is_remote(path):
-        return open_fileobj(open_binary(path), path, options)
-    obj = tu.load_lazy(path, trust=options.trust_pickle)  # torch-free for zip archives (see _torchzip)
+    # Torch-free for zip archives (see _torchzip); a URL by exact ranged reads (directory, data.pkl, each tensor).
+    obj = tu.load_file(path, trust=options.trust_pickle)
     return checkpoint_from_object(obj, path, options, format_name=NAME)
 
 
