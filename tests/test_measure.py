@@ -472,16 +472,21 @@ def test_long_safetensors_series_keeps_few_files_mapped(tmp_path: Path) -> None:
         ck.close()
 
 
-# ------------------------------------------------------------------ optional compiled pass (numba) on and off
-@pytest.fixture(params=[False, True], ids=["numpy", "kernel"])
+# ------------------------------------------------------------------ compiled pass (extension, numba) on and off
+@pytest.fixture(params=[False, "native", "numba"], ids=["numpy", "native", "numba"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Runs a test with the compiled one-loop pass off and on (on: skipped where numba is not installed)."""
+    """Runs a test with the compiled pass off, and on as the extension built at install (``native``) and as numba's
+    loops (``numba``); each skipped where it is not available."""
     from ilr_inspect.measure import stream
 
-    if request.param:
+    monkeypatch.setattr(stream, "_kernel_mod", None)  # chosen again for this test
+    if request.param == "native":
+        pytest.importorskip("ilr_inspect.measure._native")
+    elif request.param == "numba":
         pytest.importorskip("numba")
+        monkeypatch.setenv("ILR_INSPECT_NATIVE", "0")
         monkeypatch.setattr(stream, "KERNEL_MIN_PAIRS", 0)  # series passes take it however small
-    monkeypatch.setattr(stream, "KERNEL", request.param)
+    monkeypatch.setattr(stream, "KERNEL", bool(request.param))
     return bool(request.param)
 
 
@@ -512,10 +517,11 @@ def test_mixed_rows_kernel_on_and_off(dtype: type, rows: bool, kernel: bool, mon
     monkeypatch.setattr(stream, "CHUNK", 1 << 12)
     calls: list[int] = []
     if kernel:
-        from ilr_inspect.measure import _kernel
-
-        pair_sums = _kernel.pair_sums
-        monkeypatch.setattr(_kernel, "pair_sums", lambda b, a, *k: (calls.append(b.shape[0]), pair_sums(b, a, *k))[1])
+        compiled = stream._pair_kernel()  # the extension built at install, else numba's loops
+        if compiled is None:
+            pytest.skip("no compiled pass here")
+        pair_sums = compiled.pair_sums
+        monkeypatch.setattr(compiled, "pair_sums", lambda b, a, *k: (calls.append(b.shape[0]), pair_sums(b, a, *k))[1])
     numpy_rows: list[int] = []
     numpy_pair = stream._numpy_pair
     monkeypatch.setattr(stream, "_numpy_pair", lambda b, a, w, buf: (numpy_rows.append(b.shape[0]),
@@ -556,6 +562,7 @@ def test_without_numba_the_numpy_path_is_used(monkeypatch: pytest.MonkeyPatch) -
     from ilr_inspect.measure import stream
 
     monkeypatch.setattr(stream, "_kernel_mod", None)
+    monkeypatch.setenv("ILR_INSPECT_NATIVE", "0")  # nor the extension built at install
     monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` raise ImportError
     monkeypatch.delitem(sys.modules, "ilr_inspect.measure._kernel", raising=False)
     monkeypatch.delattr(sys.modules["ilr_inspect.measure"], "_kernel", raising=False)
@@ -573,11 +580,13 @@ def test_without_numba_the_numpy_path_is_used(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_small_series_do_not_load_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below KERNEL_MIN_PAIRS a series pass never imports numba (its one-time load costs more than it saves);
+    """Without the built extension: below KERNEL_MIN_PAIRS a series pass never imports numba (its one-time load
+    costs more than it saves);
     from it on (here: lowered to the series' size) the pass loads and uses the kernel."""
     pytest.importorskip("numba")
     from ilr_inspect.measure import _kernel, stream
 
+    monkeypatch.setenv("ILR_INSPECT_NATIVE", "0")  # the thresholds are numba's (the extension has no load cost)
     calls: list[int] = []
     pair_sums = _kernel.pair_sums
     monkeypatch.setattr(_kernel, "pair_sums", lambda b, a, *k: (calls.append(b.shape[0]), pair_sums(b, a, *k))[1])

@@ -158,13 +158,14 @@ def test_norms_only_values_and_warnings(tmp_path: Path, kernel: str, monkeypatch
         ck.close()
 
 
+@pytest.mark.parametrize("impl", ["_native", "_kernel"])  # the extension built at install; numba's loops
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 3000), (2, 1 << 20), (1000, 17)])
-def test_kernel_norm_equals_pair_norm_bit_for_bit(dtype: type, shape: tuple[int, int]) -> None:
+def test_kernel_norm_equals_pair_norm_bit_for_bit(impl: str, dtype: type, shape: tuple[int, int]) -> None:
     """The norm-only loop and the pair loop give the same ‖b‖² bit for bit (so `norms` and `angles`/`report`
     agree exactly with the kernel on), and both are within float64 rounding of a float64 NumPy recomputation;
     the pair loop takes the known ‖a‖² unchanged."""
-    kernel = pytest.importorskip("ilr_inspect.measure._kernel")
+    kernel = pytest.importorskip(f"ilr_inspect.measure.{impl}")
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     b: np.ndarray = rng.standard_normal(shape).astype(dtype)
     a: np.ndarray = (b + 0.01 * rng.standard_normal(shape)).astype(dtype)

@@ -4,6 +4,7 @@ released checkpoint by checkpoint."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -345,3 +346,39 @@ def test_lean_numba_load_skips_scipy_only_when_asked(lean: str) -> None:
     out = subprocess.run([sys.executable, "-c", _LEAN_PROBE], env=env, capture_output=True, text=True, check=True)
     hidden, have_blas = out.stdout.split()
     assert (hidden, have_blas) == (("True", "False") if lean == "1" else ("False", "True"))
+
+
+def test_built_extension_serves_small_series_without_numba(tmp_path: Path) -> None:
+    """Where the extension was built at install, even a tiny series takes the compiled pass (no load cost) and
+    numba is never imported; the values equal a float64 recomputation."""
+    pytest.importorskip("ilr_inspect.measure._native")
+    rng = np.random.default_rng(11)
+    arrays = [rng.standard_normal((16, 40)).astype(np.float32)]
+    arrays.append((0.99 * arrays[0] + 0.05 * rng.standard_normal((16, 40))).astype(np.float32))
+    for k, x in enumerate(arrays):
+        save_file({"w": x}, str(tmp_path / f"step_{k + 1}.safetensors"))
+    code = (
+        "import sys, json\n"
+        "from ilr_inspect.api import angles\n"
+        f"r = angles({str(tmp_path)!r})\n"
+        "mods = sorted(m for m in sys.modules if m.startswith(('numba', 'ilr_inspect.measure._')))\n"
+        "print(json.dumps([mods, float(r.frame['angle'].iloc[0])]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mods, angle = json.loads(out.stdout.splitlines()[-1])
+    assert "ilr_inspect.measure._ckernel" in mods and not any(m.startswith("numba") for m in mods)
+    a, b = (x.astype(np.float64).ravel() for x in arrays)
+    ref = math.atan2(math.sqrt(max(0.0, float(a @ a) * float(b @ b) - float(a @ b) ** 2)), float(a @ b))
+    assert angle == pytest.approx(ref, abs=1e-6)
+
+
+def test_built_extension_refuses_a_buffer_smaller_than_its_shape() -> None:
+    native = pytest.importorskip("ilr_inspect.measure._native")
+    from ilr_inspect.measure import _ckernel
+
+    out = np.empty(4)
+    with pytest.raises(ValueError, match="smaller than its shape"):
+        _ckernel.norm_sums(np.zeros(10, dtype=np.float32), 4, 3, False, out)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        native.pair_sums(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))

@@ -335,7 +335,7 @@ def _numpy_pair(b: np.ndarray, a: np.ndarray, work: np.dtype[Any], bufx: np.ndar
     return ss, pss, tang
 
 
-KERNEL = True  # use the compiled loops (ilr_inspect.measure._kernel) when numba is installed
+KERNEL = True  # use the compiled loops: the built extension (_native), else numba's (_kernel) when installed
 # ... in a series pass only from this much work on (or once they are loaded anyway): importing numba and loading
 # the cached machine code costs ~0.64 s CPU once per process (0.31 import + 0.33 first call, lean; measured on this
 # 2-core machine, busy). In-process on 10 × 256 MiB float32 (671M elements, 604M pairs), busy machine: `norms`
@@ -343,21 +343,40 @@ KERNEL = True  # use the compiled loops (ilr_inspect.measure._kernel) when numba
 # repaid from ~6-9e8 elements); `angles` 2.6-2.7 s with the NumPy blocks and 0.59 s with the pair loop (~3.4 ns
 # saved per pair: repaid from ~1.9e8 pairs). A pass loads the kernel when pairs/KERNEL_MIN_PAIRS +
 # elements summed alone/KERNEL_MIN_NORMS ≥ 1 (see use_kernel). ILR_INSPECT_KERNEL=on|off forces the choice.
+# These thresholds apply to numba only: the extension built at install (_ckernel.c) has no load cost and is used
+# for every pass.
 KERNEL_MIN_PAIRS = 3 << 26  # ~2.0e8 pairs (0.75 GiB of float32 pairs)
 KERNEL_MIN_NORMS = 3 << 28  # ~8.1e8 elements (3 GiB of float32)
 _kernel_mod: Any = None  # None: not tried yet; False: numba missing; else the module
 
 
+def _native() -> Any:
+    """The ahead-of-time compiled loops (_ckernel.c, built at install; no load cost), or None where they were not
+    built. ILR_INSPECT_NATIVE=0 hides them (the numba loops are then the compiled pass)."""
+    if os.environ.get("ILR_INSPECT_NATIVE", "1") == "0":
+        return None
+    try:
+        from . import _native as native
+    except ImportError:
+        return None
+    return native
+
+
 def _pair_kernel() -> Any:
-    """The optional compiled pass, imported on first use (numba costs ~0.3 s to import), or None."""
+    """The compiled pass: the built extension, else numba's loops imported on first use (numba costs ~0.3 s to
+    import), or None."""
     global _kernel_mod
     if _kernel_mod is None:
-        try:
-            from . import _kernel
+        native = _native()
+        if native is not None:
+            _kernel_mod = native
+        else:
+            try:
+                from . import _kernel
 
-            _kernel_mod = _kernel
-        except ImportError:
-            _kernel_mod = False
+                _kernel_mod = _kernel
+            except ImportError:
+                _kernel_mod = False
     return _kernel_mod or None
 
 
@@ -376,7 +395,7 @@ def use_kernel(checkpoints: Sequence[Checkpoint], order: Sequence[str], pairs: C
     forced = os.environ.get("ILR_INSPECT_KERNEL", "auto").lower()
     if forced in ("on", "off"):
         return forced == "on"
-    if _kernel_mod:
+    if _kernel_mod or _native() is not None:  # loaded anyway, or nothing to load
         return True
     n_pairs = n_single = 0
     for i, ck in enumerate(checkpoints):
