@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import uuid
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,11 +22,24 @@ import pytest
 import torch
 from torch import nn
 
+from ilr_inspect import storage
 from ilr_inspect.errors import CorruptCheckpointError, UnsafePickleError
 from ilr_inspect.formats import OpenOptions, _torchutil, _torchzip, lightning, torch_pickle
 from ilr_inspect.formats._torchzip import LazyTensor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _open_remote(data: bytes, name: str, options: OpenOptions) -> Any:
+    """``torch_pickle.open`` on an fsspec ``memory://`` URL holding ``data``: the path remote files take (small ones
+    fetched whole, bigger zips by exact ranged reads)."""
+    import fsspec
+
+    from ilr_inspect.storage import to_path
+
+    folder = f"tz-remote-{uuid.uuid4().hex}"  # a fresh folder: listings of a remote folder are cached per process
+    fsspec.filesystem("memory").pipe(f"/{folder}/{name}", data)
+    return torch_pickle.open(to_path(f"memory://{folder}/{name}"), options)
 
 
 def ref_numpy(t: torch.Tensor) -> np.ndarray:
@@ -231,23 +245,23 @@ def test_payload_refused_without_running(tmp_path: Path, fn: Any, named: str) ->
         torch_pickle.open(p, OpenOptions())
     with pytest.raises(_torchzip.NotLazy):  # trusted: handed to torch.load, never run by this reader
         _torchzip.load_path(p, trust=True)
-    with pytest.raises(UnsafePickleError):  # a remote file object too
-        torch_pickle.open_fileobj(io.BytesIO(p.read_bytes()), p, OpenOptions())
+    with pytest.raises(UnsafePickleError):  # a remote file too
+        _open_remote(p.read_bytes(), p.name, OpenOptions())
     assert not marker.exists()
 
 
 def test_legacy_payload_through_a_file_object(tmp_path: Path) -> None:
-    """A legacy (non-zip) pickle never reaches the lazy reader: the stream goes to torch.load, which must refuse it
-    without --trust-pickle (naming the global) and run it only with trust."""
+    """A legacy (non-zip) remote pickle never reaches the lazy reader: the stream goes to torch.load, which must
+    refuse it without --trust-pickle (naming the global) and run it only with trust."""
     marker = tmp_path / "pwned"
     p = tmp_path / "evil_legacy.pt"
     torch.save({"w": torch.ones(2), "x": Payload(os.system, f"touch {marker}")}, p,
                _use_new_zipfile_serialization=False)
     with pytest.raises(UnsafePickleError) as err:
-        torch_pickle.open_fileobj(io.BytesIO(p.read_bytes()), p, OpenOptions())
+        _open_remote(p.read_bytes(), p.name, OpenOptions())
     assert "posix.system" in err.value.globals_needed
     assert not marker.exists()
-    torch_pickle.open_fileobj(io.BytesIO(p.read_bytes()), p, OpenOptions(trust_pickle=True))
+    _open_remote(p.read_bytes(), p.name, OpenOptions(trust_pickle=True))
     assert marker.exists()  # the explicit flag is the only way the payload runs
 
 
@@ -282,31 +296,6 @@ def test_tensor_past_its_storage_is_corrupt(tmp_path: Path) -> None:
         lazy(dst)
 
 
-class CountingReader(io.RawIOBase):
-    """A seekable file object that counts the bytes handed out, like a remote file billed per ranged read."""
-
-    def __init__(self, data: bytes) -> None:
-        self._f = io.BytesIO(data)
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def readinto(self, b: Any) -> int:
-        n = self._f.readinto(b)
-        self.bytes_read += n
-        return n
-
-
 def test_listing_reads_only_directory_and_pickle(tmp_path: Path) -> None:
     p = tmp_path / "big.pt"
     torch.manual_seed(3)
@@ -315,14 +304,15 @@ def test_listing_reads_only_directory_and_pickle(tmp_path: Path) -> None:
     with zipfile.ZipFile(p) as zf:
         pkl = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl")).file_size
         cd = len(zf.infolist()) * 120  # a central-directory entry: 46 bytes + name + zip64 extra
-    fh = CountingReader(data)
-    ck = torch_pickle.open_fileobj(fh, p, OpenOptions())  # type: ignore[arg-type]
+    storage.reset_counter()
+    ck = _open_remote(data, p.name, OpenOptions())  # 4 MiB: above WHOLE_BELOW, so read by ranges
     assert ck.step == 5 and len(ck.tensors) == 16
-    listed = fh.bytes_read
-    assert listed < pkl + cd + 4096, (listed, pkl, len(data))
+    listed = storage.bytes_fetched()
+    # the zip directory through one read-ahead block, then data.pkl (and byteorder) by exact ranges
+    assert listed < pkl + cd + _torchutil.ZIP_BLOCK + 4096, (listed, pkl, len(data))
     assert listed < len(data) / 100
     got = ck.read("layer3.weight")
-    assert fh.bytes_read - listed < 256 * 256 * 4 + 200  # one tensor: its bytes and its local header
+    assert storage.bytes_fetched() - listed < 256 * 256 * 4 + 200  # one tensor: its bytes and its local header
     assert got.tobytes() == torch.load(p, weights_only=True)["model"]["layer3.weight"].numpy().tobytes()
 
 

@@ -220,23 +220,6 @@ def load_lazy(path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> A
     return load(path, trust=trust, what=what)
 
 
-def load_fileobj(fh: IO[bytes], path: Path, *, trust: bool, what: str = "PyTorch checkpoint") -> Any:
-    """A torch.save zip archive from a seekable file object (a remote file): directory and data.pkl read up
-    front, each tensor with one exact ranged read when asked for (a file under :data:`WHOLE_BELOW` is fetched
-    whole in one request instead). Falls back to torch.load of the stream (reading the whole file) for what the
-    lazy reader cannot represent."""
-    from ..storage import is_remote
-
-    remote = False
-    if is_remote(path):
-        size = getattr(fh, "size", None)
-        if isinstance(size, int) and size <= WHOLE_BELOW:
-            fh = io.BytesIO(fh.read())
-        else:
-            remote = True
-    return _load_stream(fh, path, trust=trust, what=what, remote=remote)
-
-
 def _ranged_readers(path: Path) -> dict[str, Any]:
     """_torchzip's readers of exact byte ranges of a remote file: one range, and several at once."""
     from ..storage import read_range, read_ranges

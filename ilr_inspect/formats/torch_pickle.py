@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
@@ -32,14 +32,6 @@ def open(path: Path, options: OpenOptions) -> Checkpoint:
 
     # Torch-free for zip archives (see _torchzip); a URL by exact ranged reads (directory, data.pkl, each tensor).
     obj = tu.load_file(path, trust=options.trust_pickle)
-    return checkpoint_from_object(obj, path, options, format_name=NAME)
-
-
-def open_fileobj(fh: IO[bytes], path: Path, options: OpenOptions) -> Checkpoint:
-    """``open`` over a seekable file object (a remote file): ranged reads, no download of the weights."""
-    from . import _torchutil as tu
-
-    obj = tu.load_fileobj(fh, path, trust=options.trust_pickle)
     return checkpoint_from_object(obj, path, options, format_name=NAME)
 
 
